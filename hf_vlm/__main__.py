@@ -1,0 +1,5 @@
+import sys
+
+from hf_vlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""Registration of our model families with transformers' Auto classes.
+
+Each family contributes one entry to FAMILIES: its model_type, the module under hf_vlm.modeling
+that defines it, its config class, and which Auto class maps to which model / processor class.
+`register_all()` is idempotent (called by `import hf_vlm`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import transformers
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    module: str  # e.g. "hf_vlm.modeling.coca"
+    config_class: str
+    models: dict[str, str] = field(default_factory=dict)  # Auto class name -> model class name
+    processor_class: str | None = None
+
+
+# Filled in by the family issues (CoCa, BLIP-2-FlanT5).
+FAMILIES: list[Family] = []
+
+_registered: set[str] = set()
+
+
+def register_all() -> None:
+    for family in FAMILIES:
+        if family.model_type in _registered:
+            continue
+        module = importlib.import_module(family.module)
+        config_class = getattr(module, family.config_class)
+        transformers.AutoConfig.register(family.model_type, config_class, exist_ok=True)
+        for auto_name, model_name in family.models.items():
+            getattr(transformers, auto_name).register(config_class, getattr(module, model_name), exist_ok=True)
+        if family.processor_class:
+            transformers.AutoProcessor.register(
+                config_class, getattr(module, family.processor_class), exist_ok=True
+            )
+        _registered.add(family.model_type)
+
+
+def registered_model_types() -> list[str]:
+    """Model types this package registered that transformers' AutoConfig now resolves."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return sorted(t for t in _registered if t in CONFIG_MAPPING)

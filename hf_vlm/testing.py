@@ -1,0 +1,54 @@
+"""Helpers for tests (ours and users'): required optional components, small images and captions.
+
+Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+
+# Caption-like sentences for tiny tokenizers and smoke tests.
+TINY_CORPUS = [
+    f"a {size} {color} {shape} {where} a {color2} {shape2}"
+    for size in ("small", "large")
+    for color, color2 in (("red", "blue"), ("green", "yellow"), ("white", "black"))
+    for shape, shape2 in (("circle", "square"), ("triangle", "circle"), ("square", "triangle"))
+    for where in ("left of", "right of", "above", "below")
+] + [
+    "Question: what color is the circle? Short answer: red",
+    "Question: how many shapes are there? Short answer: two",
+    "Question: is there a square? Answer: yes",
+    "a photo of a cat", "a photo of a dog", "a photo of a car",
+]
+
+
+def require(module: str, install: str):
+    """Import `module` or fail the calling test with how to install it (never a silent skip)."""
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        pytest.fail(f"{module} is required for this test ({err}); install it with: {install}", pytrace=False)
+
+
+def require_executable(name: str, install: str) -> str:
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"`{name}` is required for this test; install it with: {install}", pytrace=False)
+    return path
+
+
+def random_image(size: int = 64, seed: int = 0):
+    """A deterministic RGB PIL image with some structure (a gradient plus noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    base = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size))], -1)
+    noise = rng.normal(0, 20, size=(size, size, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype("uint8"), "RGB")

@@ -1,0 +1,32 @@
+"""Test harness: every test runs offline (HF_HUB_OFFLINE=1) and deterministic."""
+
+import os
+
+# Set before any test module imports huggingface_hub / transformers (they read it at import).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_seeded(monkeypatch):
+    """No test reaches the network; every test starts from the same RNG state."""
+    import huggingface_hub.constants
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer_dir(tmp_path_factory):
+    """A tiny FlanT5-style SentencePiece tokenizer trained on TINY_CORPUS, saved to a folder."""
+    from hf_vlm.testing import TINY_CORPUS
+    from hf_vlm.tokenization import train_t5_tokenizer
+
+    path = tmp_path_factory.mktemp("t5_tokenizer")
+    train_t5_tokenizer(TINY_CORPUS, vocab_size=96, output_dir=path)
+    return path
