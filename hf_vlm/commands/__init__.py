@@ -1,1 +1,1 @@
-"""Subcommands of the `hf-vlm` CLI, one module each (see hf_vlm.cli.COMMAND_MODULES)."""
+"""Subcommands of the `hf-vlm` CLI: one module each, found by hf_vlm.cli, exposing `register(subparsers)`."""
