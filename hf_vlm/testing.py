@@ -52,3 +52,18 @@ def random_image(size: int = 64, seed: int = 0):
     base = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size))], -1)
     noise = rng.normal(0, 20, size=(size, size, 3))
     return Image.fromarray(np.clip(base + noise, 0, 255).astype("uint8"), "RGB")
+
+
+def run_python_without_hf_vlm(code: str, cwd, timeout: float = 600, env: dict | None = None):
+    """Run `code` in a fresh interpreter in which `import hf_vlm` fails, as on a machine without the
+    package: proves that `trust_remote_code=True` loading needs only the files saved with the model.
+    Returns the CompletedProcess (stdout/stderr as text)."""
+    import os
+    import subprocess
+    import sys
+
+    prelude = "import sys\nsys.modules['hf_vlm'] = None  # any `import hf_vlm...` now raises ImportError\n"
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )

@@ -112,3 +112,12 @@ def test_trained_t5_tokenizer_round_trips(t5_tokenizer_dir):
     assert ids[-1] == tokenizer.eos_token_id == 1 and tokenizer.pad_token_id == 0
     assert tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a small red circle left of a blue square"
+
+
+def test_run_python_without_hf_vlm_really_blocks_the_package(tmp_path):
+    from hf_vlm.testing import run_python_without_hf_vlm
+
+    blocked = run_python_without_hf_vlm("import hf_vlm.modeling", cwd=tmp_path)
+    assert blocked.returncode != 0 and "ImportError" in blocked.stderr
+    fine = run_python_without_hf_vlm("import transformers, timm; print('ok')", cwd=tmp_path)
+    assert fine.returncode == 0 and fine.stdout.strip() == "ok", fine.stderr
