@@ -1,0 +1,486 @@
+"""The Gradio Space: captioning (BLIP-2 and CoCa side by side), visual question answering (BLIP-2) and
+zero-shot classification (CoCa).
+
+spaces/app.py (the file pushed to a Space) and `hf-vlm space` both call `create_demo()`, so the Space
+and the local command cannot drift apart. Everything the UI does lives in this module.
+
+Models come from environment variables, never from the UI (a visitor cannot make the server load a path):
+
+    HF_VLM_BLIP2, HF_VLM_COCA   a local folder or a Hub id
+    (unset)                     the `make demo` checkpoints: $HF_VLM_DEMO_DIR/checkpoints/{blip2,coca},
+                                HF_VLM_DEMO_DIR defaulting to ./.demo (see `demo_checkpoint`)
+
+They are loaded once, in bf16 on a GPU when one is available, in fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+BLIP2_ENV = "HF_VLM_BLIP2"
+COCA_ENV = "HF_VLM_COCA"
+DEMO_DIR_ENV = "HF_VLM_DEMO_DIR"
+DEFAULT_DEMO_DIR = ".demo"
+
+# Input limits: what a visitor may send before getting a message instead of a result.
+MAX_IMAGE_SIDE = 1024  # larger images are downscaled (with a notice) before the processor sees them
+MAX_IMAGE_PIXELS = 50_000_000  # larger files are refused before they are decoded
+MAX_UPLOAD_SIZE = "25mb"
+MAX_QUESTION_CHARS = 200
+MAX_LABELS = 20
+MAX_LABEL_CHARS = 64
+
+# Generation controls: (minimum, maximum, default) — the sliders and the server-side checks share them.
+DECODING_STRATEGIES = ("greedy", "beam search", "nucleus sampling")
+NUM_BEAMS = (1, 8, 3)
+MAX_NEW_TOKENS = (1, 64, 20)
+TEMPERATURE = (0.1, 2.0, 1.0)
+TOP_P = (0.1, 1.0, 0.9)
+
+VQA_PROMPT = "Question: {} Short answer:"  # LAVIS's zero-shot VQA prompt for FlanT5 (REFERENCE.md)
+ZERO_SHOT_TEMPLATE = "a photo of a {}."  # CLIP's; the demo CoCa was trained on scenes.ZERO_SHOT_TEMPLATE
+
+# One worker for all model calls: the models are shared, and on a small CPU parallel calls only thrash.
+CONCURRENCY_LIMIT = 1
+MAX_QUEUE_SIZE = 32
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+def demo_checkpoint(name: str) -> Path:
+    """Where `make demo` writes the checkpoint `name` ("blip2" or "coca"): the one place that says so."""
+    return Path(os.environ.get(DEMO_DIR_ENV, DEFAULT_DEMO_DIR)) / "checkpoints" / name
+
+
+def model_source(env_var: str, demo_name: str) -> str | None:
+    """The folder or Hub id to load: the environment variable if set, else the demo checkpoint if present."""
+    value = os.environ.get(env_var, "").strip()
+    if value:
+        return value
+    default = demo_checkpoint(demo_name)
+    return str(default) if (default / "config.json").is_file() else None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    source: str
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+
+@dataclass
+class SpaceModels:
+    blip2: LoadedModel | None
+    coca: LoadedModel | None
+
+    def zero_shot_template(self) -> str:
+        """The demo CoCa learned captions phrased like its scenes; other checkpoints get CLIP's template."""
+        from hf_vlm import scenes
+
+        is_demo = self.coca is not None and Path(self.coca.source).resolve() == demo_checkpoint("coca").resolve()
+        return scenes.ZERO_SHOT_TEMPLATE if is_demo else ZERO_SHOT_TEMPLATE
+
+    def describe(self) -> str:
+        parts = []
+        for title, loaded, env_var in (("BLIP-2", self.blip2, BLIP2_ENV), ("CoCa", self.coca, COCA_ENV)):
+            if loaded is None:
+                parts.append(f"**{title}**: not loaded (set `{env_var}` or run `make demo`)")
+            else:
+                dtype = str(loaded.dtype).removeprefix("torch.")
+                parts.append(f"**{title}**: `{loaded.source}` ({loaded.device.type}, {dtype})")
+        return " · ".join(parts)
+
+
+def device_and_dtype():
+    """bf16 on a GPU (FlanT5 must not run in fp16), fp32 on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def _load(model_class, processor_class, source: str) -> LoadedModel:
+    device, dtype = device_and_dtype()
+    logger.info("loading %s from %s", model_class.__name__, source)
+    model = model_class.from_pretrained(source, dtype=dtype).to(device).eval()
+    processor = processor_class.from_pretrained(source)
+    return LoadedModel(model=model, processor=processor, source=source)
+
+
+def load_models(blip2: str | None = None, coca: str | None = None) -> SpaceModels:
+    """Load the two models once. A source of None means: from the environment (see the module docstring)."""
+    import hf_vlm  # noqa: F401  (registers the model types with transformers)
+
+    blip2 = blip2 or model_source(BLIP2_ENV, "blip2")
+    coca = coca or model_source(COCA_ENV, "coca")
+    loaded_blip2 = loaded_coca = None
+    if blip2:
+        from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor
+
+        loaded_blip2 = _load(Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor, blip2)
+    if coca:
+        from hf_vlm.modeling.coca import CocaModel, CocaProcessor
+
+        loaded_coca = _load(CocaModel, CocaProcessor, coca)
+    return SpaceModels(blip2=loaded_blip2, coca=loaded_coca)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks: each failure is a gr.Error, which the UI shows as a message and an API client receives
+# as an error with that text.
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_upload(payload) -> None:
+    """Refuse a file that is not an image, or too many pixels to decode, with a message naming it."""
+    if payload is None or not payload.path:
+        return
+    name = Path(payload.orig_name or payload.path).name
+    try:
+        with Image.open(payload.path) as header:  # reads the header only
+            width, height = header.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
+        raise gr.Error(f"{name} is not a readable image ({type(err).__name__}). Upload a PNG, JPEG or WebP.") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise gr.Error(
+            f"{name} is {width}×{height} pixels; images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted."
+        )
+
+
+def checked_image(**kwargs) -> gr.Image:
+    """A gr.Image whose uploads are checked by `_check_upload` before gradio decodes them (gradio decodes
+    before our functions run, so a bad file would otherwise end as an opaque server error). The check
+    wraps this instance's preprocess: subclassing a gradio component makes gradio write a .pyi stub."""
+    image = gr.Image(**kwargs)
+    decode = image.preprocess
+
+    def preprocess(payload):
+        _check_upload(payload)
+        try:
+            return decode(payload)
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:  # a header that lied
+            raise gr.Error(f"The upload could not be decoded as an image ({type(err).__name__}).") from None
+
+    image.preprocess = preprocess
+    return image
+
+
+def prepare_image(image: Image.Image | None) -> tuple[Image.Image, str]:
+    """RGB image, downscaled to MAX_IMAGE_SIDE if larger, and a notice saying what was done ('' if nothing)."""
+    if image is None:
+        raise gr.Error("No image: upload one, or click an example.")
+    image = image.convert("RGB")
+    width, height = image.size
+    if max(width, height) <= MAX_IMAGE_SIDE:
+        return image, ""
+    image = image.copy()
+    image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), Image.Resampling.LANCZOS)
+    return image, f"Note: the image was downscaled from {width}×{height} to {image.width}×{image.height} pixels."
+
+
+def check_question(question: str | None) -> str:
+    question = " ".join((question or "").split())
+    if not question:
+        raise gr.Error("The question is empty: type a question about the image.")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise gr.Error(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
+    return question
+
+
+def parse_labels(text: str | None) -> list[str]:
+    """Comma-separated class names -> a list without blanks or duplicates (order kept)."""
+    labels = list(dict.fromkeys(" ".join(part.split()) for part in (text or "").split(",")))
+    labels = [label for label in labels if label]
+    if not labels:
+        raise gr.Error("No labels: type class names separated by commas, e.g. `red circle, blue square`.")
+    if len(labels) > MAX_LABELS:
+        raise gr.Error(f"{len(labels)} labels given; at most {MAX_LABELS} are accepted.")
+    too_long = [label for label in labels if len(label) > MAX_LABEL_CHARS]
+    if too_long:
+        raise gr.Error(f"Label {too_long[0][:20]!r}... is longer than {MAX_LABEL_CHARS} characters.")
+    return labels
+
+
+def check_template(template: str | None) -> str:
+    template = (template or "").strip()
+    if template.count("{}") != 1:
+        raise gr.Error(f"The prompt template must contain `{{}}` exactly once (where the label goes), got {template!r}.")
+    return template
+
+
+def _in_bounds(name: str, value, bounds: tuple) -> None:
+    low, high, _ = bounds
+    if value is None or not (low <= value <= high):
+        raise gr.Error(f"{name} must be between {low} and {high}, got {value}.")
+
+
+def generation_kwargs(decoding: str, num_beams: int, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    """The UI's decoding controls -> keyword arguments of `generate`, each checked against its bounds."""
+    if decoding not in DECODING_STRATEGIES:
+        raise gr.Error(f"decoding must be one of {', '.join(DECODING_STRATEGIES)}; got {decoding!r}.")
+    _in_bounds("max new tokens", max_new_tokens, MAX_NEW_TOKENS)
+    kwargs = {"max_new_tokens": int(max_new_tokens), "num_beams": 1, "do_sample": False}
+    if decoding == "beam search":
+        _in_bounds("beams", num_beams, NUM_BEAMS)
+        kwargs["num_beams"] = int(num_beams)
+    elif decoding == "nucleus sampling":
+        _in_bounds("temperature", temperature, TEMPERATURE)
+        _in_bounds("top-p", top_p, TOP_P)
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+    return kwargs
+
+
+def _visible_errors(fn):
+    """Unexpected failures reach the visitor as one line (the traceback goes to the server log)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as err:
+            logger.exception("%s failed", fn.__name__)
+            raise gr.Error(f"The model could not process this input: {type(err).__name__}: {err}") from None
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------
+
+
+def _require(loaded: LoadedModel | None, title: str, env_var: str) -> LoadedModel:
+    if loaded is None:
+        raise gr.Error(f"{title} is not loaded on this server (set {env_var} or run `make demo`).")
+    return loaded
+
+
+def _generate_text(loaded: LoadedModel, image: Image.Image, prompt: str | None, gen_kwargs: dict) -> str:
+    import torch
+
+    processor_kwargs = {"images": image, "return_tensors": "pt"}
+    if prompt is not None:
+        processor_kwargs["text"] = prompt
+    processor = loaded.processor
+    inputs = processor(**processor_kwargs)
+    model_inputs = {"pixel_values": inputs["pixel_values"].to(loaded.device, loaded.dtype)}
+    if prompt is not None:
+        model_inputs["input_ids"] = inputs["input_ids"].to(loaded.device)
+        model_inputs["attention_mask"] = inputs["attention_mask"].to(loaded.device)
+    with torch.inference_mode():
+        token_ids = loaded.model.generate(**model_inputs, **gen_kwargs)
+    return processor.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
+
+
+class SpaceApp:
+    """The three tasks as plain functions of the inputs (each one is a UI event and an API endpoint)."""
+
+    def __init__(self, models: SpaceModels):
+        self.models = models
+
+    @_visible_errors
+    def caption(self, image, decoding, num_beams, max_new_tokens, temperature, top_p,
+                progress=gr.Progress()):  # noqa: B008  (gradio injects the tracker through this default)
+        image, notice = prepare_image(image)
+        gen_kwargs = generation_kwargs(decoding, num_beams, max_new_tokens, temperature, top_p)
+        if self.models.blip2 is None and self.models.coca is None:
+            raise gr.Error("No captioning model is loaded on this server (set HF_VLM_BLIP2 / HF_VLM_COCA).")
+        captions = []
+        for step, (title, loaded, env_var) in enumerate(
+            (("BLIP-2", self.models.blip2, BLIP2_ENV), ("CoCa", self.models.coca, COCA_ENV))
+        ):
+            progress(step / 2, desc=f"{title} captioning")
+            if loaded is None:
+                captions.append(f"({title} is not loaded: set {env_var})")
+            else:
+                captions.append(_generate_text(loaded, image, None, gen_kwargs))
+        return captions[0], captions[1], notice
+
+    @_visible_errors
+    def answer(self, image, question, decoding, num_beams, max_new_tokens, temperature, top_p):
+        image, notice = prepare_image(image)
+        prompt = VQA_PROMPT.format(check_question(question))
+        gen_kwargs = generation_kwargs(decoding, num_beams, max_new_tokens, temperature, top_p)
+        loaded = _require(self.models.blip2, "BLIP-2", BLIP2_ENV)
+        return _generate_text(loaded, image, prompt, gen_kwargs), prompt, notice
+
+    @_visible_errors
+    def classify(self, image, labels_text, template):
+        import pandas as pd
+        import torch
+
+        image, notice = prepare_image(image)
+        labels = parse_labels(labels_text)
+        template = check_template(template)
+        loaded = _require(self.models.coca, "CoCa", COCA_ENV)
+        inputs = loaded.processor(
+            images=image, text=[template.format(label) for label in labels], return_tensors="pt", padding=True
+        )
+        with torch.inference_mode():
+            outputs = loaded.model(
+                input_ids=inputs["input_ids"].to(loaded.device),
+                attention_mask=inputs["attention_mask"].to(loaded.device),
+                pixel_values=inputs["pixel_values"].to(loaded.device, loaded.dtype),
+            )
+        probs = outputs.logits_per_image[0].float().softmax(-1).tolist()
+        chart = pd.DataFrame({"label": labels, "probability": probs})
+        return dict(zip(labels, probs)), chart, notice
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples: drawn at startup (no files to ship, nothing downloaded)
+# --------------------------------------------------------------------------------------------------
+
+EXAMPLE_SCENES = 3
+EXAMPLE_DISPLAY_SIZE = 256
+EXAMPLE_QUESTION_KINDS = ("color", "count", "yes/no")
+
+
+@dataclass
+class Example:
+    image_path: str
+    question: str
+    labels: str
+
+
+def write_examples(folder: str | Path) -> list[Example]:
+    """Held-out synthetic scenes (the `make demo` models' test distribution), drawn at their training size
+    and enlarged without interpolation so that the processor sees the same pixels and visitors see shapes."""
+    from hf_vlm import scenes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = scenes.SceneConfig()
+    labels = ", ".join(config.class_names())
+    examples = []
+    for index in range(EXAMPLE_SCENES):
+        scene = scenes.sample_scene(scenes.scene_seed("test", index), config)
+        image = scene.render(config.colors).resize((EXAMPLE_DISPLAY_SIZE,) * 2, Image.Resampling.NEAREST)
+        path = folder / f"scene_{index}.png"
+        image.save(path)
+        kind = EXAMPLE_QUESTION_KINDS[index % len(EXAMPLE_QUESTION_KINDS)]
+        question = next(q for q, _, qtype in scene.questions() if qtype == kind)
+        examples.append(Example(str(path), question, labels))
+    return examples
+
+
+# --------------------------------------------------------------------------------------------------
+# The UI
+# --------------------------------------------------------------------------------------------------
+
+INTRO = """# hf-vlm: BLIP-2-FlanT5 and CoCa
+Caption an image with both models, ask BLIP-2 a question about it, or let CoCa pick among your labels.
+"""
+
+
+def _generation_controls():
+    with gr.Accordion("Generation settings", open=False):
+        decoding = gr.Radio(list(DECODING_STRATEGIES), value="greedy", label="Decoding")
+        with gr.Row():
+            num_beams = gr.Slider(*NUM_BEAMS[:2], value=NUM_BEAMS[2], step=1, label="Beams (beam search)")
+            max_new_tokens = gr.Slider(*MAX_NEW_TOKENS[:2], value=MAX_NEW_TOKENS[2], step=1, label="Max new tokens")
+        with gr.Row():
+            temperature = gr.Slider(*TEMPERATURE[:2], value=TEMPERATURE[2], step=0.05, label="Temperature (sampling)")
+            top_p = gr.Slider(*TOP_P[:2], value=TOP_P[2], step=0.05, label="Top-p (sampling)")
+    return [decoding, num_beams, max_new_tokens, temperature, top_p]
+
+
+def _image_input(elem_id: str) -> gr.Image:
+    return checked_image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id=elem_id, height=320)
+
+
+def build_demo(models: SpaceModels, examples_dir: str | Path | None = None) -> gr.Blocks:
+    """The Blocks app for already-loaded models, with its queue configured."""
+    app = SpaceApp(models)
+    examples = write_examples(examples_dir or tempfile.mkdtemp(prefix="hf_vlm_space_examples_"))
+    run = {"concurrency_id": "models", "concurrency_limit": CONCURRENCY_LIMIT}
+
+    with gr.Blocks(title="hf-vlm: BLIP-2 and CoCa") as demo:
+        gr.Markdown(INTRO)
+        gr.Markdown(models.describe(), elem_id="models")
+
+        with gr.Tab("Caption", id="caption"):
+            with gr.Row():
+                with gr.Column():
+                    image = _image_input("caption-image")
+                    controls = _generation_controls()
+                    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                with gr.Column():
+                    blip2_caption = gr.Textbox(label="BLIP-2", elem_id="blip2-caption", interactive=False)
+                    coca_caption = gr.Textbox(label="CoCa", elem_id="coca-caption", interactive=False)
+                    notice = gr.Markdown(elem_id="caption-notice")
+            gr.Examples([[e.image_path] for e in examples], inputs=[image], cache_examples=False)
+            button.click(app.caption, [image, *controls], [blip2_caption, coca_caption, notice],
+                         api_name="caption", **run)
+
+        with gr.Tab("Visual question answering", id="vqa"):
+            with gr.Row():
+                with gr.Column():
+                    image = _image_input("vqa-image")
+                    question = gr.Textbox(label="Question", max_length=MAX_QUESTION_CHARS, elem_id="vqa-question",
+                                          placeholder="What color is the circle?")
+                    gr.Markdown(f"BLIP-2 reads the question as `{VQA_PROMPT.format('<question>')}`.")
+                    controls = _generation_controls()
+                    button = gr.Button("Answer", variant="primary", elem_id="vqa-button")
+                with gr.Column():
+                    answer = gr.Textbox(label="Answer", elem_id="vqa-answer", interactive=False)
+                    prompt = gr.Textbox(label="Prompt sent to BLIP-2", elem_id="vqa-prompt", interactive=False)
+                    notice = gr.Markdown(elem_id="vqa-notice")
+            gr.Examples([[e.image_path, e.question] for e in examples], inputs=[image, question], cache_examples=False)
+            button.click(app.answer, [image, question, *controls], [answer, prompt, notice], api_name="answer", **run)
+
+        with gr.Tab("Zero-shot classification", id="zero-shot"):
+            with gr.Row():
+                with gr.Column():
+                    image = _image_input("zero-shot-image")
+                    labels = gr.Textbox(label="Labels (comma-separated)", elem_id="zero-shot-labels",
+                                        placeholder="red circle, blue square, green triangle")
+                    template = gr.Textbox(value=models.zero_shot_template(), label="Prompt template ({} = label)",
+                                          elem_id="zero-shot-template")
+                    button = gr.Button("Classify", variant="primary", elem_id="zero-shot-button")
+                with gr.Column():
+                    label = gr.Label(label="CoCa's choice", elem_id="zero-shot-label")
+                    chart = gr.BarPlot(x="label", y="probability", y_lim=[0, 1], sort="-y",
+                                       label="Probabilities", elem_id="zero-shot-chart")
+                    notice = gr.Markdown(elem_id="zero-shot-notice")
+            gr.Examples([[e.image_path, e.labels] for e in examples], inputs=[image, labels], cache_examples=False)
+            button.click(app.classify, [image, labels, template], [label, chart, notice], api_name="classify", **run)
+
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=MAX_QUEUE_SIZE)
+    return demo
+
+
+def create_demo() -> gr.Blocks:
+    """Load the models named by the environment and build the app (what spaces/app.py does)."""
+    return build_demo(load_models())
+
+
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs):
+    """Serve `demo` with the Space's limits. host/port None: gradio's defaults (GRADIO_SERVER_NAME/PORT)."""
+    return demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_SIZE, ssr_mode=False,
+                       **kwargs)
