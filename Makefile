@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test
+.PHONY: setup system-deps lint test
 
 ## setup: create .venv (if missing) and install hf-vlm with its dev extras, plus system packages
 setup: $(STAMP)
@@ -15,10 +15,16 @@ $(STAMP): pyproject.toml setup.py
 	$(VENV)/bin/uv pip install --python $(PYTHON) -e ".[dev]"
 	touch $@
 
+## system-deps: Debian's chromium for the Space's browser tests (Playwright drives /usr/bin/chromium;
+## `playwright install` would download a browser)
+system-deps:
+	@test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
 ## lint: ruff over the whole repository
 lint: setup
 	$(VENV)/bin/ruff check .
 
 ## test: setup, lint, then every test (slow, distributed and browser ones included)
-test: setup lint
+test: setup system-deps lint
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
