@@ -159,15 +159,16 @@ def _check_upload(payload) -> None:
     if payload is None or not payload.path:
         return
     name = Path(payload.orig_name or payload.path).name
+    limit = f"images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted"
     try:
         with Image.open(payload.path) as header:  # reads the header only
             width, height = header.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
+    except Image.DecompressionBombError:  # PIL's own limit (far above ours) refuses to even open it
+        raise gr.Error(f"{name} has far too many pixels; {limit}.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise gr.Error(f"{name} is not a readable image ({type(err).__name__}). Upload a PNG, JPEG or WebP.") from None
     if width * height > MAX_IMAGE_PIXELS:
-        raise gr.Error(
-            f"{name} is {width}×{height} pixels; images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted."
-        )
+        raise gr.Error(f"{name} is {width}×{height} pixels; {limit}.")
 
 
 def checked_image(**kwargs) -> gr.Image:
