@@ -1,0 +1,195 @@
+"""Evaluation: the caption metrics agree with the COCO reference scorers (pycocoevalcap) to 1e-6,
+VQA accuracy follows the VQAv2 rules, top-k and recall@K count ties against the model, results are
+merged into eval_results.json atomically, and `hf-vlm eval` runs real (tiny, random) models end to end."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from hf_vlm.evaluation import (
+    bleu,
+    caption_metrics,
+    cider_d,
+    format_table,
+    load_results,
+    normalize_answer,
+    retrieval_recall,
+    save_results,
+    tokenize_caption,
+    topk_accuracy,
+    vqa_accuracy,
+    vqa_metrics,
+)
+from hf_vlm.testing import require
+
+# ------------------------------------------------------------------------- caption metrics
+
+COCO_LIKE = (
+    ["A man riding a wave on top of a surfboard.", "A plate of food with broccoli and rice",
+     "two dogs playing in the snow", "a red circle to the left of a blue square", "a cat"],
+    [["A man riding a wave on a surfboard.", "Surfer riding a large wave in the ocean.",
+      "A person on a surf board rides a wave.", "a surfer catches a wave", "Man surfing on a big wave."],
+     ["A plate of rice, broccoli and chicken.", "Food on a white plate with broccoli.",
+      "a dinner plate with rice and vegetables"],
+     ["Two dogs play in the snow.", "A pair of dogs running through snow"],
+     ["a large red circle to the left of a small blue square"],
+     ["A cat sitting on a couch.", "a small cat on a sofa next to a pillow"]],
+)
+
+
+def random_sets(seed: int):
+    rng = random.Random(seed)
+    vocab = "a the red blue green circle square triangle man dog on of big small runs left right".split()
+    for _ in range(6):
+        num_images = rng.randint(2, 9)
+        predictions = [" ".join(rng.choices(vocab, k=rng.randint(0, 12))) for _ in range(num_images)]
+        references = [[" ".join(rng.choices(vocab, k=rng.randint(1, 12))) for _ in range(rng.randint(1, 5))]
+                      for _ in range(num_images)]
+        yield predictions, references
+
+
+@pytest.mark.parametrize("case", ["coco_like", "random", "perfect_and_degenerate"])
+def test_cider_and_bleu_match_pycocoevalcap(case):
+    require("pycocoevalcap", "pip install 'hf-vlm[dev]'  (or: pip install pycocoevalcap)")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if case == "coco_like":
+        sets = [COCO_LIKE]
+    elif case == "random":
+        sets = list(random_sets(0))
+    else:
+        refs = COCO_LIKE[1]
+        sets = [([r[0] for r in refs], refs),  # every prediction equals its first reference
+                (["", "a", "plate", "dogs dogs dogs dogs dogs", "x y z"], refs)]  # empty, short, repeated, unknown
+
+    for predictions, references in sets:
+        predictions = [tokenize_caption(p) for p in predictions]
+        references = [[tokenize_caption(r) for r in refs] for refs in references]
+        gts = {i: refs for i, refs in enumerate(references)}
+        res = {i: [p] for i, p in enumerate(predictions)}
+        expected_cider, expected_per_image = Cider().compute_score(gts, res)
+        expected_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+
+        ours, per_image = cider_d(predictions, references)
+        assert ours == pytest.approx(expected_cider, abs=1e-6)
+        assert per_image == pytest.approx(list(expected_per_image), abs=1e-6)
+        assert bleu(predictions, references) == pytest.approx(expected_bleu, abs=1e-6)
+
+
+def test_caption_metrics_known_values():
+    captions = ["a large red circle to the left", "two small blue squares below it",
+                "three green triangles in a row", "one yellow star on gray"]
+    perfect = caption_metrics(captions, [[c] for c in captions])
+    # No word is shared, so every n-gram has full idf and cosine 1 at every order: CIDEr = 10 exactly.
+    assert perfect["cider"] == pytest.approx(10.0)
+    assert perfect["bleu4"] == pytest.approx(1.0) and perfect["exact_match"] == 1.0
+
+    # Shuffled predictions share no n-gram with their references.
+    wrong = caption_metrics(captions[1:] + captions[:1], [[c] for c in captions])
+    assert wrong["cider"] == 0.0 and wrong["bleu1"] < 1e-9 and wrong["exact_match"] == 0.0
+
+    # Half-length correct predictions: precision 1, brevity penalty exp(1 - 12/6) on BLEU.
+    halves = caption_metrics(["a large red", "two small blue"], [["a large red circle to the"], ["two small blue squares below it"]])
+    assert halves["bleu1"] == pytest.approx(math.exp(1 - 12 / 6))
+    assert halves["exact_match"] == 0.0
+    # Case and punctuation do not matter; a match against any reference counts.
+    assert caption_metrics(["A Red circle."], [["a blue square", "a red circle"]])["exact_match"] == 1.0
+    assert tokenize_caption("  A Red-circle,  left. ") == "a red circle left"
+
+
+def test_caption_metric_input_errors():
+    with pytest.raises(ValueError, match="2 predictions but 1 reference"):
+        caption_metrics(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match=r"references\[0\] must be a non-empty list"):
+        caption_metrics(["a"], ["a"])
+    with pytest.raises(ValueError, match="no predictions"):
+        caption_metrics([], [])
+
+
+# ---------------------------------------------------------------------------------- VQA
+
+@pytest.mark.parametrize("answer, normalized", [
+    ("Two.", "2"), ("The dog", "dog"), ("Yes!", "yes"), ("dont", "don't"), ("couldnt've", "couldn't've"),
+    ("2,000", "2000"), ("A man's hat", "man's hat"), ("red-white", "red white"), ("red - white", "red white"),
+    ("3.5", "3.5"), ("none\tat all", "0 at all"), (" TEN ", "10"), ("an apple, a pear", "apple pear"),
+])
+def test_answer_normalization_follows_the_vqa_rules(answer, normalized):
+    assert normalize_answer(answer) == normalized
+
+
+def test_vqa_accuracy_is_min_matches_over_three_averaged_over_leave_one_out():
+    # 3 of 10 annotators said "2": leaving one of them out leaves 2 matches (2/3), else 3 (1): 0.9.
+    assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert vqa_accuracy("2", ["2"] * 10) == 1.0
+    assert vqa_accuracy("4", ["2"] * 10) == 0.0
+    # A single reference answer: exact match after normalization.
+    assert vqa_accuracy("The Circle.", ["circle"]) == 1.0 and vqa_accuracy("square", ["circle"]) == 0.0
+    metrics = vqa_metrics(["red", "two", "no"], [["red"], ["3"], ["no"]], ["color", "count", "yes/no"])
+    assert metrics == {"vqa_accuracy": pytest.approx(2 / 3), "vqa_accuracy/color": 1.0,
+                       "vqa_accuracy/count": 0.0, "vqa_accuracy/yes/no": 1.0}
+    with pytest.raises(ValueError, match="non-empty list of answers"):
+        vqa_accuracy("red", "red")
+
+
+# ------------------------------------------------------------------- zero-shot and retrieval
+
+def test_topk_accuracy_counts_ties_against_the_model():
+    logits = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    assert topk_accuracy(logits, [0, 0, 1], ks=(1, 2, 5)) == {"top1": 1 / 3, "top2": 1 / 3, "top5": 1.0}
+    import torch
+
+    assert topk_accuracy(torch.tensor(logits), torch.tensor([0, 2, 0]), ks=(1,)) == {"top1": 2 / 3}
+    with pytest.raises(ValueError, match=r"labels must have shape \(3,\)"):
+        topk_accuracy(logits, [0, 1])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        topk_accuracy(logits, [0, 1, 3])
+
+
+def test_retrieval_recall_with_several_captions_per_image():
+    # 3 images, 6 texts (2 per image). Image 2's texts are ranked below another image's texts.
+    text_to_images = [0, 0, 1, 1, 2, 2]
+    similarity = np.array([
+        [0.9, 0.1, 0.2, 0.0, 0.0, 0.0],
+        [0.1, 0.3, 0.2, 0.8, 0.0, 0.0],
+        [0.5, 0.0, 0.0, 0.0, 0.3, 0.4],
+    ])
+    recall = retrieval_recall(similarity, text_to_images, ks=(1, 2))
+    # image->text: images 0 and 1 find one of their texts first; image 2's best text (0.4) ranks 2nd.
+    assert recall["image_to_text_R@1"] == pytest.approx(2 / 3) and recall["image_to_text_R@2"] == 1.0
+    # text->image: t1 scores image 1 above its own image 0, t2 ties its image 1 with image 0 (a tie
+    # counts against the model); the other four texts rank their image first.
+    assert recall["text_to_image_R@1"] == pytest.approx(4 / 6)
+    assert recall["text_to_image_R@2"] == pytest.approx(1.0)
+    # A text may describe several images (identical captions): any of them counts.
+    assert retrieval_recall(np.array([[0.2], [0.9]]), [[0, 1]], ks=(1,)) == {
+        "image_to_text_R@1": 1.0, "text_to_image_R@1": 1.0}
+    with pytest.raises(ValueError, match="images \\[2\\] have no text"):
+        retrieval_recall(similarity, [0, 0, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="not an image index"):
+        retrieval_recall(similarity, [0, 0, 1, 1, 2, 7])
+
+
+# ------------------------------------------------------------------------------ results file
+
+def test_results_merge_tasks_atomically_and_print_as_a_table(tmp_path):
+    save_results(tmp_path, "caption", {"metrics": {"cider": 2.5, "bleu4": 0.5}, "data": "scenes:test", "num_samples": 8})
+    path = save_results(tmp_path, "vqa", {"metrics": {"vqa_accuracy": 0.875}, "data": "scenes:test", "num_samples": 8})
+    results = json.loads(path.read_text())
+    assert set(results) == {"caption", "vqa"} and results["caption"]["metrics"]["cider"] == 2.5
+    save_results(tmp_path, "vqa", {"metrics": {"vqa_accuracy": 0.9}})
+    assert load_results(tmp_path)["vqa"]["metrics"] == {"vqa_accuracy": 0.9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_results.json"]  # no temporary file left
+
+    table = format_table(load_results(tmp_path))
+    assert "cider" in table and "2.5000" in table and "0.9000" in table and "scenes:test" in table
+
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="eval_results.json is not valid JSON"):
+        save_results(tmp_path, "caption", {"metrics": {}})
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        save_results(tmp_path / "does-not-exist", "caption", {})
