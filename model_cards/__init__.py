@@ -1,5 +1,4 @@
-"""Model card templates (one per family) and per-variant facts, installed as `hf_vlm.model_cards`.
-
-Rendered by `hf_vlm.hub` with huggingface_hub's ModelCard; numbers that can be computed from a
-checkpoint are computed there, never stored here.
-"""
+"""Model card data (package data, read by hf_vlm.hub.cards): one Jinja template per model family
+(`*.md`), the family facts (`families.json`: Hub metadata, names of the model's parts, training stages) and the
+per-variant facts of the project brief (`variants.json`). Numbers a checkpoint determines are never stored
+here: the card computes them."""

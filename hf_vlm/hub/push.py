@@ -1,0 +1,213 @@
+"""Publishing a checkpoint to the Hub: `push_to_hub(checkpoint, repo_id)` (the `hf-vlm push` command).
+
+1. Stage: load the checkpoint and `save_pretrained` it into a temporary folder (sharded safetensors, config with
+   `auto_map` and the model's Python files for `trust_remote_code=True`, generation config, processor and
+   tokenizer), then render README.md (hf_vlm.hub.cards) and copy eval_results.json.
+2. Check the target: a token must be available (HF_TOKEN or `hf auth login`); the repository is created if
+   needed; an existing repository may only hold an earlier push of the same model type (anything else is
+   refused, never overwritten).
+3. Upload everything in ONE commit (`HfApi.create_commit`), pinned to the head seen in step 2 (`parent_commit`),
+   deleting files of the earlier push that the new one does not have (e.g. a shard count that changed). If any
+   upload fails, the commit is never sent: the repository keeps its previous head.
+
+The token is passed to huggingface_hub and never printed or put in an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+# Files a repository may hold without being "other content" (what the Hub creates with a new repo).
+_HUB_DEFAULT_FILES = {".gitattributes"}
+
+
+class HubPushError(RuntimeError):
+    """A push that could not be done; the message says why and what state the repository is in."""
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str
+    commit_oid: str
+    commit_url: str
+    files: list[str]
+    deleted: list[str]
+    created_repo: bool
+
+
+def _processor_files(folder: Path) -> bool:
+    names = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+    return any((folder / name).is_file() for name in names)
+
+
+def stage_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+                     repo_id: str | None = None, base_model=None, eval_results=None) -> list[str]:
+    """Write the repository content for `checkpoint` into `output_dir` (empty or new); returns the file list."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    from hf_vlm.hub.cards import EVAL_RESULTS_FILE, model_class_for, write_card
+    from hf_vlm.registration import FAMILIES
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    if not (checkpoint / "config.json").is_file():
+        raise HubPushError(f"{checkpoint} is not a checkpoint folder: it has no config.json")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if any(output_dir.iterdir()):
+        raise HubPushError(f"staging folder {output_dir} is not empty")
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    ours = any(f.model_type == config.model_type for f in FAMILIES)
+    model = model_class_for(config).from_pretrained(checkpoint, dtype="auto")
+    model.save_pretrained(output_dir, max_shard_size=max_shard_size)
+
+    if ours and not _processor_files(checkpoint):
+        raise HubPushError(
+            f"{checkpoint} has no processor files (processor_config.json / preprocessor_config.json / tokenizer); "
+            "save the processor next to the model (processor.save_pretrained(folder)) so the Hub repo is usable"
+        )
+    if _processor_files(checkpoint):
+        try:
+            processor = AutoProcessor.from_pretrained(checkpoint)
+        except (ValueError, OSError, TypeError) as err:  # a checkpoint with a tokenizer only
+            logger.info("no processor in %s (%s); saving its tokenizer", checkpoint, err)
+            processor = AutoTokenizer.from_pretrained(checkpoint)
+        processor.save_pretrained(output_dir)
+
+    saved_config = json.loads((output_dir / "config.json").read_text())
+    if ours and ("auto_map" not in saved_config or not any(output_dir.glob("*.py"))):
+        raise HubPushError(
+            f"save_pretrained wrote no remote code for {type(model).__name__} (config.json has no auto_map): "
+            "the model class must call register_for_auto_class so trust_remote_code=True loading works"
+        )
+    if (checkpoint / EVAL_RESULTS_FILE).is_file():
+        shutil.copy2(checkpoint / EVAL_RESULTS_FILE, output_dir / EVAL_RESULTS_FILE)
+    write_card(output_dir, output_dir / "README.md", repo_id=repo_id, base_model=base_model,
+               eval_results=eval_results)
+    return sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if p.is_file())
+
+
+def _describe(err: Exception) -> str:
+    """The server's message of an HTTP error (never the request headers, which carry the token)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        server = err.response.headers.get("X-Error-Message") or ""
+        return f"HTTP {err.response.status_code}{': ' + server if server else ''}"
+    cause = err.__cause__
+    return f"{err}{f' ({_describe(cause)})' if isinstance(cause, Exception) else ''}"
+
+
+def _existing_content(api, repo_id: str, revision: str) -> dict[str, str] | None:
+    """{path: blob id} at `revision`, or None when that branch does not exist yet."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        return {f.path: f.blob_id for f in api.list_repo_tree(repo_id, revision=revision, recursive=True)
+                if hasattr(f, "blob_id") and f.__class__.__name__ == "RepoFile"}
+    except RevisionNotFoundError:
+        return None
+
+
+def _remote_model_type(api, repo_id: str, revision: str, scratch: Path) -> str | None:
+    """model_type of the config.json at `revision`, None when there is none (downloaded into `scratch`, so the
+    user's HF cache is not touched)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = api.hf_hub_download(repo_id, "config.json", revision=revision, local_dir=scratch)
+        return json.loads(Path(path).read_text()).get("model_type")
+    except (EntryNotFoundError, ValueError):
+        return None
+
+
+def push_to_hub(checkpoint: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+                commit_message: str | None = None, token: str | None = None, endpoint: str | None = None,
+                max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, base_model=None, eval_results=None) -> PushResult:
+    """Publish `checkpoint` as `repo_id` (see the module docstring). Raises HubPushError with a clear message."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = token or get_token()
+    if not token:
+        raise HubPushError(
+            "no Hugging Face token: set the HF_TOKEN environment variable or run `hf auth login` "
+            "(a token with write access is needed to push)"
+        )
+    api = HfApi(endpoint=endpoint, token=token)
+    revision = revision or "main"
+    if "/" not in repo_id:
+        try:
+            repo_id = f"{api.whoami()['name']}/{repo_id}"
+        except HfHubHTTPError as err:
+            raise HubPushError(f"could not identify the token's user to complete repo id {repo_id!r}: "
+                               f"{_describe(err)}") from None
+
+    with tempfile.TemporaryDirectory(prefix="hf-vlm-push-") as tmp:
+        staging = Path(tmp) / "repo"
+        files = stage_checkpoint(checkpoint, staging, max_shard_size=max_shard_size, repo_id=repo_id,
+                                 base_model=base_model, eval_results=eval_results)
+        local_model_type = json.loads((staging / "config.json").read_text())["model_type"]
+        print(f"staged {len(files)} files for {repo_id} ({sum((staging / f).stat().st_size for f in files):,} bytes)")
+
+        try:
+            existed = api.repo_exists(repo_id)
+            if not existed:
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                print(f"created {'private ' if private else ''}repository {repo_id}")
+            elif private and not api.repo_info(repo_id).private:
+                print(f"note: {repo_id} already exists and is public; --private applies to new repositories only")
+            if revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            remote = _existing_content(api, repo_id, revision)
+            if remote is None:
+                raise HubPushError(f"revision {revision!r} of {repo_id} does not exist and could not be created")
+            other = sorted(set(remote) - _HUB_DEFAULT_FILES)
+            if other:
+                remote_type = _remote_model_type(api, repo_id, revision, Path(tmp) / "remote")
+                if remote_type != local_model_type:
+                    shown = ", ".join(other[:8]) + (f" and {len(other) - 8} more" if len(other) > 8 else "")
+                    raise HubPushError(
+                        f"{repo_id}@{revision} already holds other content ({shown}; model type "
+                        f"{remote_type!r}, this checkpoint is {local_model_type!r}). Nothing was uploaded; choose "
+                        "another repo id or revision, or remove those files first."
+                    )
+            parent = api.repo_info(repo_id, revision=revision).sha
+        except HfHubHTTPError as err:
+            raise HubPushError(f"cannot push to {repo_id}@{revision}: {_describe(err)}") from None
+
+        stale = sorted(set(remote) - set(files) - _HUB_DEFAULT_FILES)
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(staging / f)) for f in files]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        message = commit_message or f"Upload {local_model_type} checkpoint with hf-vlm"
+        try:
+            info = api.create_commit(repo_id, operations, commit_message=message, revision=revision,
+                                     parent_commit=parent)
+        except (HfHubHTTPError, RuntimeError, OSError, ValueError) as err:
+            raise HubPushError(
+                f"upload to {repo_id}@{revision} failed: {_describe(err)}. No commit was made; "
+                f"{_head_state(api, repo_id, revision, parent)}"
+            ) from None
+    print(f"pushed {len(files)} files to {repo_id}@{revision} in commit {info.oid[:10]}")
+    return PushResult(repo_id, revision, info.oid, info.commit_url, files, stale, not existed)
+
+
+def _head_state(api, repo_id: str, revision: str, parent: str) -> str:
+    """Confirm from the server that the failed push left the branch where it was."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        head = api.repo_info(repo_id, revision=revision).sha
+    except HfHubHTTPError as err:
+        return f"could not re-check the repository ({_describe(err)})"
+    if head == parent:
+        return f"the repository is unchanged ({revision} is still at {parent[:10]})."
+    return f"{revision} moved from {parent[:10]} to {head[:10]} meanwhile (another writer)."
