@@ -23,7 +23,19 @@ class Family:
 
 
 # Filled in by the family issues (CoCa, BLIP-2-FlanT5).
-FAMILIES: list[Family] = []
+FAMILIES: list[Family] = [
+    Family(
+        model_type="blip2_flant5",
+        module="hf_vlm.modeling.blip2_flant5",
+        config_class="Blip2FlanT5Config",
+        models={
+            "AutoModel": "Blip2FlanT5ForConditionalGeneration",
+            "AutoModelForImageTextToText": "Blip2FlanT5ForConditionalGeneration",
+            "AutoModelForPreTraining": "Blip2FlanT5ForPretraining",
+        },
+        processor_class="Blip2FlanT5Processor",
+    ),
+]
 
 _registered: set[str] = set()
 

@@ -52,3 +52,37 @@ def train_t5_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | 
         tokenizer.save_pretrained(output_dir)
         (Path(output_dir) / "spiece.model").write_bytes(model_bytes)
     return tokenizer
+
+
+def train_bert_tokenizer(
+    texts: Iterable[str], vocab_size: int, output_dir: str | Path | None = None, *, dec_token: str = "[DEC]"
+):
+    """A lower-casing BERT WordPiece tokenizer (the BLIP-2 Q-Former's) trained on `texts`, with exactly
+    `vocab_size` ids: [PAD] 0, [UNK], [CLS], [SEP], [MASK], the learned pieces, `[unusedN]` fillers, and LAVIS's
+    `dec_token` (the bos token that starts image-grounded generation) as the last id, `vocab_size - 1`.
+
+    Saved to `output_dir` when given.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.train_from_iterator(
+        list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size - 1, special_tokens=specials, show_progress=False)
+    )
+    learned = sorted(wordpiece.get_vocab().items(), key=lambda item: item[1])
+    pieces = [token for token, _ in learned if token not in specials]
+    if len(specials) + len(pieces) > vocab_size - 1:
+        raise ValueError(f"vocab_size {vocab_size} is too small for the trained pieces ({len(pieces)})")
+    fillers = [f"[unused{i}]" for i in range(vocab_size - 1 - len(specials) - len(pieces))]
+    vocab = {token: i for i, token in enumerate(specials + pieces + fillers + [dec_token])}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token=dec_token)
+    if tokenizer.convert_tokens_to_ids(dec_token) != vocab_size - 1 or len(tokenizer) != vocab_size:
+        raise AssertionError(f"{dec_token} must be the last of {vocab_size} ids, got {tokenizer.convert_tokens_to_ids(dec_token)}")
+    if output_dir is not None:
+        tokenizer.save_pretrained(output_dir)
+    return tokenizer
+

@@ -30,3 +30,14 @@ def t5_tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("t5_tokenizer")
     train_t5_tokenizer(TINY_CORPUS, vocab_size=96, output_dir=path)
     return path
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer_dir(tmp_path_factory):
+    """A tiny BLIP-2 Q-Former (BERT WordPiece) tokenizer trained on TINY_CORPUS: 256 ids, [DEC] = 255 (blip2-tiny)."""
+    from hf_vlm.testing import TINY_CORPUS
+    from hf_vlm.tokenization import train_bert_tokenizer
+
+    path = tmp_path_factory.mktemp("bert_tokenizer")
+    train_bert_tokenizer(TINY_CORPUS, vocab_size=256, output_dir=path)
+    return path

@@ -1,0 +1,849 @@
+"""BLIP-2 with a FlanT5 language model: stage-1 (Q-Former pretraining) and stage-2 (image-to-text) models.
+
+Read top to bottom: outputs, the Q-Former (embeddings, attention, layer, encoder, model), the shared
+`Blip2FlanT5PreTrainedModel` (vision tower + ln_vision + query tokens + Q-Former), then the two heads:
+- `Blip2FlanT5ForPretraining` (stage 1): ITC + ITM + ITG losses as in LAVIS `blip2_qformer.py`, and retrieval
+  helpers (image-text similarity, ITM scores).
+- `Blip2FlanT5ForConditionalGeneration` (stage 2): the query outputs, projected to T5's width, are prepended to
+  the prompt embeddings of transformers' own `T5ForConditionalGeneration` (captioning and VQA).
+
+Parameter names follow transformers' BLIP-2 for the Q-Former (`qformer.encoder.layer.{i}.attention.attention.query`,
+`crossattention`, `intermediate_query`, `output_query`, `qformer.layernorm`) and T5 (`language_model.*`), and timm /
+LAVIS for the vision tower (`vision_model.blocks.{i}.attn.{qkv,q_bias,v_bias}`, `ln_vision`), so both upstream
+checkpoint formats convert by renaming. Hub-portable: imports only torch, transformers, timm and its siblings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, T5Config, T5ForConditionalGeneration
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    BaseModelOutputWithPoolingAndCrossAttentions,
+)
+from transformers.utils import ModelOutput, logging
+
+from .configuration_blip2_flant5 import Blip2FlanT5Config, Blip2FlanT5QFormerConfig, Blip2FlanT5VisionConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class Blip2FlanT5PretrainingOutput(ModelOutput):
+    """Stage-1 output.
+
+    Args:
+        loss: itc_loss + itm_loss + itg_loss (when `return_loss=True`).
+        itc_loss / itm_loss / itg_loss: image-text contrastive, image-text matching, image-grounded text generation.
+        logits_per_image: `(batch, batch * world_size)` image-to-text similarities (max over query tokens) / temperature.
+        logits_per_text: `(batch, batch * world_size)` text-to-image similarities / temperature.
+        itm_logits: `(3 * batch, 2)` match logits for [positives, negative images, negative texts] (class 1 = match).
+        itg_logits: `(batch, text_length, vocab)` next-token logits of the Q-Former text decoder.
+        image_embeds: `(batch, num_query_tokens, image_text_hidden_size)` normalized query embeddings.
+        text_embeds: `(batch, image_text_hidden_size)` normalized [CLS] text embeddings.
+    """
+
+    loss: torch.FloatTensor | None = None
+    itc_loss: torch.FloatTensor | None = None
+    itm_loss: torch.FloatTensor | None = None
+    itg_loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    itg_logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class Blip2FlanT5ForConditionalGenerationOutput(ModelOutput):
+    """Stage-2 output (sequence-to-sequence).
+
+    Args:
+        loss: T5 cross-entropy on `labels` (padding ignored).
+        logits: `(batch, target_length, vocab)` T5 decoder logits.
+        encoder_last_hidden_state: T5 encoder output over [projected query tokens, prompt].
+        image_embeds: `(batch, num_image_tokens, vision_width)` vision tokens after `ln_vision`.
+        query_output: `(batch, num_query_tokens, qformer_width)` Q-Former output for the query tokens.
+        language_model_inputs: `(batch, num_query_tokens, d_model)` the query outputs projected to T5's width.
+        language_model_outputs: T5's full `Seq2SeqLMOutput`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    query_output: torch.FloatTensor | None = None
+    language_model_inputs: torch.FloatTensor | None = None
+    language_model_outputs: ModelOutput | None = None
+
+    def to_tuple(self):
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in (self[k] for k in self.keys()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Q-Former
+
+
+class Blip2FlanT5QFormerEmbeddings(nn.Module):
+    """Word + position embeddings of the text path (stage 1). Positions restart at 0 after the query tokens.
+    The LayerNorm over [queries, text] is the Q-Former's `layernorm` (transformers' layout)."""
+
+    def __init__(self, config: Blip2FlanT5QFormerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.max_position_embeddings = config.max_position_embeddings
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        seq_length = input_ids.shape[1]
+        if seq_length > self.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {seq_length} tokens, more than qformer_config.max_position_embeddings "
+                f"({self.max_position_embeddings})"
+            )
+        position_ids = torch.arange(seq_length, device=input_ids.device)
+        return self.word_embeddings(input_ids) + self.position_embeddings(position_ids)[None]
+
+
+class Blip2FlanT5QFormerMultiHeadAttention(nn.Module):
+    """Multi-head attention with SDPA; keys/values come from the image tokens when `is_cross_attention`."""
+
+    def __init__(self, config: Blip2FlanT5QFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.attention_dropout = config.attention_probs_dropout_prob
+        kv_width = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
+        kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, length, _ = hidden_states.shape
+
+        def heads(x):
+            return x.view(x.shape[0], x.shape[1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+        attn_output = F.scaled_dot_product_attention(
+            heads(self.query(hidden_states)),
+            heads(self.key(kv_states)),
+            heads(self.value(kv_states)),
+            attn_mask=attention_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        return attn_output.transpose(1, 2).reshape(batch, length, -1)
+
+
+class Blip2FlanT5QFormerSelfOutput(nn.Module):
+    def __init__(self, config: Blip2FlanT5QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class Blip2FlanT5QFormerAttention(nn.Module):
+    """Post-norm BERT attention block: attention, projection, dropout, residual, LayerNorm."""
+
+    def __init__(self, config: Blip2FlanT5QFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.attention = Blip2FlanT5QFormerMultiHeadAttention(config, is_cross_attention)
+        self.output = Blip2FlanT5QFormerSelfOutput(config)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
+        return self.output(self.attention(hidden_states, attention_mask, encoder_hidden_states), hidden_states)
+
+
+class Blip2FlanT5QFormerIntermediate(nn.Module):
+    def __init__(self, config: Blip2FlanT5QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class Blip2FlanT5QFormerOutput(nn.Module):
+    def __init__(self, config: Blip2FlanT5QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class Blip2FlanT5QFormerLayer(GradientCheckpointingLayer):
+    """Self-attention over [queries, text]; the queries then cross-attend to the image (every
+    `cross_attention_frequency`-th layer); queries and text go through separate feed-forward blocks."""
+
+    def __init__(self, config: Blip2FlanT5QFormerConfig, layer_idx: int, with_text_path: bool):
+        super().__init__()
+        self.attention = Blip2FlanT5QFormerAttention(config)
+        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
+        if self.has_cross_attention:
+            self.crossattention = Blip2FlanT5QFormerAttention(config, is_cross_attention=True)
+        if with_text_path:
+            self.intermediate = Blip2FlanT5QFormerIntermediate(config)
+            self.output = Blip2FlanT5QFormerOutput(config)
+        self.intermediate_query = Blip2FlanT5QFormerIntermediate(config)
+        self.output_query = Blip2FlanT5QFormerOutput(config)
+
+    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, query_length: int = 0):
+        attention_output = self.attention(hidden_states, attention_mask)
+        query_part, text_part = attention_output[:, :query_length], attention_output[:, query_length:]
+        outputs = []
+        if query_length > 0:
+            if self.has_cross_attention:
+                if encoder_hidden_states is None:
+                    raise ValueError("the Q-Former's query tokens need encoder_hidden_states (the image embeddings)")
+                query_part = self.crossattention(query_part, None, encoder_hidden_states)
+            outputs.append(self.output_query(self.intermediate_query(query_part), query_part))
+        if text_part.shape[1] > 0:
+            if not hasattr(self, "intermediate"):
+                raise ValueError("this Q-Former was built without its text path (stage 2); text input is not supported")
+            outputs.append(self.output(self.intermediate(text_part), text_part))
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+class Blip2FlanT5QFormerEncoder(nn.Module):
+    def __init__(self, config: Blip2FlanT5QFormerConfig, with_text_path: bool):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            [Blip2FlanT5QFormerLayer(config, i, with_text_path) for i in range(config.num_hidden_layers)]
+        )
+
+    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, query_length: int = 0):
+        for layer in self.layer:
+            # encoder_hidden_states positional: gradient checkpointing passes positional tensors through
+            hidden_states = layer(hidden_states, attention_mask, encoder_hidden_states, query_length=query_length)
+        return hidden_states
+
+
+class Blip2FlanT5QFormerModel(nn.Module):
+    """The Querying Transformer. Input: query embeddings and/or text tokens; output: their hidden states.
+
+    `text_attention="bidirectional"` (ITC text encoder, ITM) or `"causal"` (ITG: the UniLM mask, in which the
+    queries never see the text and each text token sees all queries and the text before it).
+    `with_text_path=False` builds the stage-2 Q-Former (no word embeddings, no text feed-forward blocks).
+    """
+
+    def __init__(self, config: Blip2FlanT5QFormerConfig, with_text_path: bool = True):
+        super().__init__()
+        self.config = config
+        if with_text_path:
+            self.embeddings = Blip2FlanT5QFormerEmbeddings(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = Blip2FlanT5QFormerEncoder(config, with_text_path)
+
+    def forward(
+        self,
+        query_embeds: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        text_attention: str = "bidirectional",
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        if query_embeds is None and input_ids is None:
+            raise ValueError("the Q-Former needs query_embeds, input_ids or both")
+        dtype = self.layernorm.weight.dtype
+        parts = []
+        if query_embeds is not None:
+            parts.append(query_embeds.to(dtype))
+        if input_ids is not None:
+            if not hasattr(self, "embeddings"):
+                raise ValueError("this Q-Former was built without its text path (stage 2); input_ids are not supported")
+            parts.append(self.embeddings(input_ids).to(dtype))
+        embeddings = self.dropout(self.layernorm(torch.cat(parts, dim=1)))
+        query_length = 0 if query_embeds is None else query_embeds.shape[1]
+
+        batch, length = embeddings.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeddings.device)
+        if attention_mask.shape != (batch, length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, queries + text) = {(batch, length)}"
+            )
+        allowed = attention_mask[:, None, None, :].bool().expand(batch, 1, length, length)
+        if text_attention == "causal":
+            # UniLM mask: queries see queries only; text sees all queries and the text up to itself.
+            position = torch.arange(length, device=embeddings.device)
+            is_text_key = position[None, :] >= query_length
+            unilm = ~is_text_key | ((position[:, None] >= query_length) & (position[None, :] <= position[:, None]))
+            allowed = allowed & unilm
+        elif text_attention != "bidirectional":
+            raise ValueError(f"text_attention must be 'bidirectional' or 'causal', got {text_attention!r}")
+        # Additive float mask: SDPA on every backend, and no fully-masked row (queries always see themselves).
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=embeddings.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(dtype)
+        sequence_output = self.encoder(embeddings, mask, encoder_hidden_states, query_length=query_length)
+        return BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0]
+        )
+
+
+class Blip2FlanT5LMPredictionHead(nn.Module):
+    """BERT's masked-LM head (dense, GELU, LayerNorm, vocabulary projection tied to the word embeddings), used
+    for image-grounded text generation in stage 1 (LAVIS `Qformer.cls.predictions`)."""
+
+    def __init__(self, config: Blip2FlanT5QFormerConfig):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform.transform_act_fn = ACT2FN[config.hidden_act]
+        self.transform.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    def forward(self, hidden_states):
+        t = self.transform
+        return self.decoder(t.LayerNorm(t.transform_act_fn(t.dense(hidden_states))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared base: vision tower, ln_vision, query tokens, Q-Former
+
+
+def _create_vision_model(config: Blip2FlanT5VisionConfig) -> nn.Module:
+    import timm
+
+    kwargs = dict(
+        pretrained=False,
+        num_classes=0,
+        global_pool="",
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        drop_path_rate=config.drop_path_rate,
+    )
+    if config.timm_model_name.startswith("eva"):
+        # BLIP-2 takes EVA's patch tokens before any final norm; ln_vision follows outside the ViT.
+        kwargs.update(use_post_transformer_norm=False, norm_layer=_eva_layer_norm(config.layer_norm_eps))
+    kwargs.update(config.timm_kwargs)
+    return timm.create_model(config.timm_model_name, **kwargs)
+
+
+def _eva_layer_norm(eps: float):
+    from functools import partial
+
+    from timm.layers import LayerNorm
+
+    return partial(LayerNorm, eps=eps)
+
+
+class Blip2FlanT5PreTrainedModel(PreTrainedModel):
+    config: Blip2FlanT5Config
+    config_class = Blip2FlanT5Config
+    base_model_prefix = "blip2_flant5"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["Blip2FlanT5QFormerLayer", "EvaBlock", "T5Block"]
+    # The Q-Former and its queries stay fp32 when a checkpoint is loaded in fp16 (as in transformers' BLIP-2).
+    _keep_in_fp32_modules = ["query_tokens", "qformer"]
+
+    def _build_vision_and_qformer(self, config: Blip2FlanT5Config, with_text_path: bool):
+        self.vision_model = _create_vision_model(config.vision_config)
+        self.ln_vision = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_config.ln_vision_eps)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2FlanT5QFormerModel(config.qformer_config, with_text_path=with_text_path)
+        if config.freeze_vision:
+            self.vision_model.requires_grad_(False)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Blip2FlanT5PreTrainedModel):
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.qformer_config.initializer_range)
+            if hasattr(module, "temp"):
+                init.constant_(module.temp, 0.07)
+        elif type(module).__name__ == "Eva":
+            std = self.config.vision_config.initializer_range
+            if getattr(module, "pos_embed", None) is not None:
+                init.trunc_normal_(module.pos_embed, std=std)
+            if getattr(module, "cls_token", None) is not None:
+                init.trunc_normal_(module.cls_token, std=std)
+        elif getattr(module, "k_bias", None) is not None and getattr(module, "q_bias", None) is not None:
+            # EVA attention: trainable q/v biases and a fixed zero key bias (a key bias cannot change softmax).
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
+            init.zeros_(module.k_bias)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        self.vision_model.set_grad_checkpointing(enable)
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode (no dropout / drop-path), as BLIP-2 trains."""
+        super().train(mode)
+        if self.config.freeze_vision:
+            self.vision_model.eval()
+        if getattr(self.config, "freeze_language_model", False) and hasattr(self, "language_model"):
+            self.language_model.eval()
+        return self
+
+    def get_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(batch, num_image_tokens, vision_width)`: the ViT's tokens after `ln_vision` (computed in fp32, as LAVIS)."""
+        if pixel_values is None or pixel_values.dim() != 4:
+            raise ValueError(
+                "pixel_values must be a (batch, 3, height, width) tensor, got "
+                f"{None if pixel_values is None else tuple(pixel_values.shape)}"
+            )
+        vision_dtype = self.vision_model.patch_embed.proj.weight.dtype
+        image_embeds = self.vision_model.forward_features(pixel_values.to(vision_dtype))
+        ln = self.ln_vision
+        return F.layer_norm(
+            image_embeds.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps
+        ).to(ln.weight.dtype)
+
+    def get_query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, num_query_tokens, qformer_width)`: the query tokens after attending to the image."""
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds).last_hidden_state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1
+
+
+def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from all ranks, keeping the gradient path to every rank's copy (no-op on one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    import torch.distributed.nn
+
+    return torch.cat(torch.distributed.nn.all_gather(tensor.contiguous()), dim=0)
+
+
+def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
+    """Stage 1: the Q-Former learns to extract text-relevant image features (LAVIS `Blip2Qformer`).
+
+    `forward(pixel_values, input_ids, attention_mask)` with `input_ids` in the Q-Former's BERT vocabulary
+    ([CLS] ... [SEP], padded) returns itc_loss + itm_loss + itg_loss. Without `return_loss` it returns the
+    similarity logits only (retrieval).
+    """
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "qformer.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: Blip2FlanT5Config):
+        super().__init__(config)
+        self._build_vision_and_qformer(config, with_text_path=True)
+        qformer_width, embed_dim = config.qformer_config.hidden_size, config.image_text_hidden_size
+        self.vision_proj = nn.Linear(qformer_width, embed_dim)
+        self.text_proj = nn.Linear(qformer_width, embed_dim)
+        self.itm_head = nn.Linear(qformer_width, 2)
+        self.lm_head = Blip2FlanT5LMPredictionHead(config.qformer_config)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.qformer.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.qformer.embeddings.word_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.decoder = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+        """last_hidden_state: image tokens after ln_vision; pooler_output: `(batch, num_query_tokens, embed_dim)`
+        normalized query embeddings (ITC compares a text with each of them and keeps the maximum)."""
+        image_embeds = self.get_image_embeds(pixel_values)
+        query_output = self.get_query_output(image_embeds)
+        image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
+        return BaseModelOutputWithPooling(last_hidden_state=image_embeds, pooler_output=image_feats)
+
+    def get_text_features(self, input_ids: torch.LongTensor, attention_mask=None) -> BaseModelOutputWithPooling:
+        """last_hidden_state: the Q-Former text encoder's states; pooler_output: `(batch, embed_dim)` the
+        normalized projection of [CLS]."""
+        text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        text_feat = F.normalize(self.text_proj(text_output[:, 0]), dim=-1)
+        return BaseModelOutputWithPooling(last_hidden_state=text_output, pooler_output=text_feat)
+
+    @staticmethod
+    def image_text_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """`(num_images, num_texts)` cosine similarity: the best-matching query token per image-text pair."""
+        return torch.einsum("iqd,td->itq", image_feats, text_feats).amax(dim=-1)
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask=None) -> torch.Tensor:
+        """`(batch, 2)` match logits for the pairs (image_embeds[i], input_ids[i]); class 1 = the text matches."""
+        batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        query_tokens = self.query_tokens.expand(batch, -1, -1)
+        query_mask = torch.ones(query_tokens.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        output = self.qformer(
+            query_embeds=query_tokens,
+            input_ids=input_ids,
+            attention_mask=torch.cat([query_mask, attention_mask], dim=1),
+            encoder_hidden_states=image_embeds,
+        ).last_hidden_state
+        return self.itm_head(output[:, : query_tokens.shape[1]]).mean(dim=1)
+
+    @torch.no_grad()
+    def itm_scores(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """`(batch,)` probability that text i describes image i (the ITM head, for retrieval re-ranking)."""
+        logits = self.itm_logits(self.get_image_embeds(pixel_values), input_ids, attention_mask)
+        return logits.softmax(dim=-1)[:, 1]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool = True,
+        **kwargs,
+    ) -> Blip2FlanT5PretrainingOutput:
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"input_ids must be (batch, length) with the batch of pixel_values ({pixel_values.shape[0]}), got "
+                f"{None if input_ids is None else tuple(input_ids.shape)}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        image_embeds = self.get_image_embeds(pixel_values)
+        query_output = self.get_query_output(image_embeds)
+        image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
+        text_feat = self.get_text_features(input_ids, attention_mask).pooler_output
+
+        # ITC over the global batch: local images against all texts, local texts against all images.
+        image_feats_all = _gather_with_grad(image_feats)
+        text_feat_all = _gather_with_grad(text_feat)
+        sim_i2t = self.image_text_similarity(image_feats, text_feat_all) / self.temp
+        sim_t2i = self.image_text_similarity(image_feats_all, text_feat).t() / self.temp
+        if not return_loss:
+            return Blip2FlanT5PretrainingOutput(
+                logits_per_image=sim_i2t, logits_per_text=sim_t2i, image_embeds=image_feats, text_embeds=text_feat
+            )
+
+        batch = pixel_values.shape[0]
+        offset = _rank() * batch
+        targets = torch.arange(offset, offset + batch, device=sim_i2t.device)
+        itc_loss = (
+            F.cross_entropy(sim_i2t.float(), targets, label_smoothing=0.1)
+            + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=0.1)
+        ) / 2
+
+        # ITM: for each text a hard negative image, for each image a hard negative text, sampled in proportion
+        # to their similarity (the positive pair masked out).
+        if sim_i2t.shape[1] < 2:
+            raise ValueError("ITM hard negatives need at least 2 image-text pairs in the (global) batch")
+        input_ids_all = _gather_no_grad(input_ids)
+        attention_mask_all = _gather_no_grad(attention_mask)
+        image_embeds_all = _gather_with_grad(image_embeds)
+        with torch.no_grad():
+            diagonal = torch.zeros_like(sim_i2t, dtype=torch.bool)
+            diagonal[torch.arange(batch), targets] = True
+            weights_t2i = sim_t2i.float().masked_fill(diagonal, -10000).softmax(dim=1)
+            weights_i2t = sim_i2t.float().masked_fill(diagonal, -10000).softmax(dim=1)
+            negative_images = torch.multinomial(weights_t2i, 1).squeeze(1)
+            negative_texts = torch.multinomial(weights_i2t, 1).squeeze(1)
+        itm_input_ids = torch.cat([input_ids, input_ids, input_ids_all[negative_texts]], dim=0)
+        itm_attention_mask = torch.cat([attention_mask, attention_mask, attention_mask_all[negative_texts]], dim=0)
+        itm_image_embeds = torch.cat([image_embeds, image_embeds_all[negative_images], image_embeds], dim=0)
+        itm_logits = self.itm_logits(itm_image_embeds, itm_input_ids, itm_attention_mask)
+        itm_labels = torch.cat(
+            [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
+        ).to(itm_logits.device)
+        itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
+
+        # ITG: the caption decoded from the queries under the UniLM mask, [DEC] in place of [CLS].
+        decoder_input_ids = input_ids.clone()
+        decoder_input_ids[:, 0] = self.config.qformer_config.dec_token_id
+        labels = decoder_input_ids.masked_fill(attention_mask == 0, -100)
+        query_tokens = self.query_tokens.expand(batch, -1, -1)
+        query_mask = torch.ones(query_tokens.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        itg_output = self.qformer(
+            query_embeds=query_tokens,
+            input_ids=decoder_input_ids,
+            attention_mask=torch.cat([query_mask, attention_mask], dim=1),
+            encoder_hidden_states=image_embeds,
+            text_attention="causal",
+        ).last_hidden_state
+        itg_logits = self.lm_head(itg_output[:, query_tokens.shape[1] :])
+        itg_loss = F.cross_entropy(
+            itg_logits[:, :-1].float().reshape(-1, itg_logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            label_smoothing=0.1,
+        )
+
+        return Blip2FlanT5PretrainingOutput(
+            loss=itc_loss + itm_loss + itg_loss,
+            itc_loss=itc_loss,
+            itm_loss=itm_loss,
+            itg_loss=itg_loss,
+            logits_per_image=sim_i2t,
+            logits_per_text=sim_t2i,
+            itm_logits=itm_logits,
+            itg_logits=itg_logits,
+            image_embeds=image_feats,
+            text_embeds=text_feat,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2
+
+# Stage-1 parameters that stage 2 does not use: the Q-Former's text path and the ITC/ITM/ITG heads.
+STAGE1_ONLY_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.", "lm_head.", "temp", "qformer.embeddings.")
+STAGE1_ONLY_PATTERNS = (r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.",)
+
+
+def is_stage1_only_key(key: str) -> bool:
+    import re
+
+    return key.startswith(STAGE1_ONLY_PREFIXES) or any(re.match(p, key) for p in STAGE1_ONLY_PATTERNS)
+
+
+class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, GenerationMixin):
+    """Stage 2: image (+ optional prompt) -> text with a frozen FlanT5.
+
+    T5 encoder input: `cat([language_projection(query_output), embed(prompt)])` with mask
+    `cat(ones(num_query_tokens), prompt_mask)`. `labels` are the target tokens (pad positions are ignored).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [
+        r"^vision_proj\.", r"^text_proj\.", r"^itm_head\.", r"^lm_head\.", r"^temp$", r"^qformer\.embeddings\.",
+        *STAGE1_ONLY_PATTERNS,
+    ]
+
+    def __init__(self, config: Blip2FlanT5Config):
+        super().__init__(config)
+        self._build_vision_and_qformer(config, with_text_path=False)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.d_model)
+        language_model = T5ForConditionalGeneration(config.text_config)
+        if not config.lm_head_is_tied:
+            # T5Config always says "tied"; FlanT5 has its own lm_head. Drop that tie (keep the input embeddings
+            # shared) before our post_init collects the tied keys.
+            language_model._tied_weights_keys = {
+                k: v for k, v in T5ForConditionalGeneration._tied_weights_keys.items() if k != "lm_head.weight"
+            }
+            language_model.all_tied_weights_keys.pop("lm_head.weight", None)
+            shared = language_model.shared.weight
+            language_model.lm_head.weight = nn.Parameter(
+                torch.empty_like(shared).normal_(std=config.text_config.initializer_factor)
+            )
+        self.language_model = language_model
+        if config.freeze_language_model:
+            self.language_model.requires_grad_(False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_encoder(self, modality=None):
+        return self.language_model.get_encoder() if modality is None else super().get_encoder(modality=modality)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+        """last_hidden_state: image tokens after ln_vision; pooler_output: the query outputs projected to T5's width
+        (`(batch, num_query_tokens, d_model)`, the soft visual prompt)."""
+        image_embeds = self.get_image_embeds(pixel_values)
+        query_output = self.get_query_output(image_embeds)
+        projection_dtype = self.language_projection.weight.dtype
+        return BaseModelOutputWithPooling(
+            last_hidden_state=image_embeds,
+            pooler_output=self.language_projection(query_output.to(projection_dtype)),
+            hidden_states=(query_output,),
+        )
+
+    def _encoder_inputs(self, pixel_values, input_ids, attention_mask):
+        """T5 encoder inputs_embeds and attention_mask: [projected queries, prompt embeddings]."""
+        image_features = self.get_image_features(pixel_values)
+        language_model_inputs = image_features.pooler_output
+        batch = language_model_inputs.shape[0]
+        embed_tokens = self.language_model.get_input_embeddings()
+        if input_ids is None:
+            # No prompt (captioning): T5's tokenizer turns the empty prompt into a lone </s>, as LAVIS feeds it.
+            input_ids = torch.full((batch, 1), self.config.text_config.eos_token_id, device=language_model_inputs.device)
+        if input_ids.shape[0] != batch:
+            raise ValueError(f"input_ids has batch {input_ids.shape[0]} but pixel_values has batch {batch}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompt_embeds = embed_tokens(input_ids.to(embed_tokens.weight.device))
+        inputs_embeds = torch.cat([language_model_inputs.to(prompt_embeds.dtype), prompt_embeds], dim=1)
+        query_mask = torch.ones(language_model_inputs.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        return image_features, inputs_embeds, torch.cat([query_mask, attention_mask], dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> Blip2FlanT5ForConditionalGenerationOutput:
+        image_features, inputs_embeds, encoder_attention_mask = self._encoder_inputs(
+            pixel_values, input_ids, attention_mask
+        )
+        if labels is not None:
+            # Padding in the targets is not a prediction target (T5's pad id is also its decoder start id).
+            labels = labels.masked_fill(labels == self.config.text_config.pad_token_id, -100)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=encoder_attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            labels=labels,
+            return_dict=True,
+            **kwargs,
+        )
+        return Blip2FlanT5ForConditionalGenerationOutput(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            image_embeds=image_features.last_hidden_state,
+            query_output=image_features.hidden_states[0],
+            language_model_inputs=image_features.pooler_output,
+            language_model_outputs=outputs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Caption (no prompt) or answer (prompt such as "Question: {} Short answer:"); returns T5 decoder token ids.
+
+        Prompts of different lengths are padded on the right with their attention_mask; the answers equal those
+        obtained one image at a time.
+        """
+        _, inputs_embeds, encoder_attention_mask = self._encoder_inputs(pixel_values, input_ids, attention_mask)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask, **generate_kwargs
+        )
+
+    @classmethod
+    def from_stage1(
+        cls,
+        stage1_path: str | os.PathLike,
+        language_model: str | os.PathLike | T5Config | T5ForConditionalGeneration,
+        output_loading_info: bool = False,
+        **config_overrides,
+    ):
+        """Build stage 2 from a stage-1 checkpoint folder (`Blip2FlanT5ForPretraining.save_pretrained`) and a T5
+        source: a T5 folder / Hub id (weights loaded), a `T5ForConditionalGeneration`, or a `T5Config` (random init).
+
+        Every stage-1 tensor is either loaded or one of the stage-1-only heads (`STAGE1_ONLY_PREFIXES`,
+        `STAGE1_ONLY_PATTERNS`), which are reported as intentionally unused; anything else is an error.
+        `language_projection` is the only newly initialized part. With `output_loading_info=True` returns
+        `(model, {"unused_stage1_keys": [...], "newly_initialized_keys": [...]})`.
+        """
+        from safetensors.torch import load_file
+        from transformers.utils import cached_file
+
+        if isinstance(language_model, (str, os.PathLike)):
+            language_model = T5ForConditionalGeneration.from_pretrained(language_model)
+        if isinstance(language_model, T5ForConditionalGeneration):
+            text_config, t5_state = language_model.config, language_model.state_dict()
+        elif isinstance(language_model, T5Config):
+            text_config, t5_state = language_model, None
+        else:
+            raise TypeError(
+                "language_model must be a T5 folder / Hub id, a T5ForConditionalGeneration or a T5Config, "
+                f"got {type(language_model).__name__}"
+            )
+        config = Blip2FlanT5Config.from_pretrained(stage1_path, text_config=text_config.to_dict(), **config_overrides)
+        model = cls(config)
+        if t5_state is not None:
+            model.language_model.load_state_dict(t5_state, strict=False)
+            expected = set(model.language_model.state_dict())
+            missing = expected - set(t5_state)
+            if missing:
+                raise ValueError(f"the T5 language model lacks {sorted(missing)[:5]} ({len(missing)} tensors)")
+
+        weights_file = cached_file(str(stage1_path), "model.safetensors")
+        stage1_state = load_file(weights_file)
+        own_keys = set(model.state_dict())
+        unused = sorted(k for k in stage1_state if is_stage1_only_key(k))
+        unexpected = sorted(k for k in stage1_state if k not in own_keys and not is_stage1_only_key(k))
+        if unexpected:
+            raise ValueError(f"{weights_file} holds tensors stage 2 does not know: {unexpected[:10]} ({len(unexpected)})")
+        loaded = {k: v for k, v in stage1_state.items() if k in own_keys}
+        model.load_state_dict(loaded, strict=False)
+        newly_initialized = sorted(
+            k for k in own_keys if k not in loaded and not k.startswith("language_model.")
+        )
+        if set(newly_initialized) != {"language_projection.weight", "language_projection.bias"}:
+            raise ValueError(f"{weights_file} lacks stage-1 tensors: {sorted(set(newly_initialized) - {'language_projection.weight', 'language_projection.bias'})}")
+        logger.info(
+            f"Stage 2 from {stage1_path}: {len(loaded)} tensors loaded; {len(unused)} stage-1-only tensors "
+            f"intentionally unused (ITC/ITM/ITG heads, Q-Former text path); language_projection newly initialized."
+        )
+        if output_loading_info:
+            return model, {"unused_stage1_keys": unused, "newly_initialized_keys": newly_initialized}
+        return model
+
+
+__all__ = [
+    "Blip2FlanT5ForConditionalGeneration",
+    "Blip2FlanT5ForPretraining",
+    "Blip2FlanT5PreTrainedModel",
+    "Blip2FlanT5QFormerModel",
+    "Blip2FlanT5PretrainingOutput",
+    "Blip2FlanT5ForConditionalGenerationOutput",
+]

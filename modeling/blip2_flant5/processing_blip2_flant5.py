@@ -1,0 +1,122 @@
+"""Processor for BLIP-2-FlanT5: BLIP image processing + the T5 tokenizer (+ the Q-Former's BERT tokenizer).
+
+- images -> `pixel_values` (224 px, bicubic, CLIP mean/std, as BLIP-2 is trained).
+- `text` (prompt, e.g. "Question: what is this? Short answer:") -> T5 `input_ids` / `attention_mask`, padded on the
+  right; `text_target` -> `labels` (padding is ignored by the model's loss).
+- `qformer_text` -> `qformer_input_ids` / `qformer_attention_mask` with the optional `qformer_tokenizer` (BERT
+  WordPiece, [CLS] ... [SEP], padded to `max_text_length`), the stage-1 text input; `pretraining_inputs()` returns
+  them under the names `Blip2FlanT5ForPretraining.forward` takes.
+
+The Q-Former tokenizer is optional (a stage-2 checkpoint needs none) and saved in the `qformer_tokenizer/`
+subfolder. Hub-portable: imports only transformers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+QFORMER_TOKENIZER_SUBFOLDER = "qformer_tokenizer"
+
+
+class Blip2FlanT5Processor(ProcessorMixin):
+    def __init__(self, image_processor, tokenizer, chat_template=None, **kwargs):
+        # The Q-Former tokenizer is not a ProcessorMixin attribute: those are all required, this one is optional.
+        self.qformer_tokenizer = kwargs.pop("qformer_tokenizer", None)
+        self.max_text_length = kwargs.pop("max_text_length", 32)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        text_target: str | list[str] | None = None,
+        qformer_text: str | list[str] | None = None,
+        return_tensors: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        if images is None and text is None and text_target is None and qformer_text is None:
+            raise ValueError("Blip2FlanT5Processor needs images, text, text_target or qformer_text")
+        encoding = {}
+        if images is not None:
+            encoding.update(self.image_processor(images, return_tensors=return_tensors))
+        if text is not None:
+            encoding.update(self.tokenizer(_as_list(text, "text"), padding=True, return_tensors=return_tensors, **kwargs))
+        if text_target is not None:
+            targets = self.tokenizer(_as_list(text_target, "text_target"), padding=True, return_tensors=return_tensors)
+            encoding["labels"] = targets["input_ids"]
+            encoding["decoder_attention_mask"] = targets["attention_mask"]
+        if qformer_text is not None:
+            qformer = self._qformer_tokenize(qformer_text, return_tensors)
+            encoding["qformer_input_ids"] = qformer["input_ids"]
+            encoding["qformer_attention_mask"] = qformer["attention_mask"]
+        return BatchFeature(encoding, tensor_type=return_tensors)
+
+    def _qformer_tokenize(self, texts, return_tensors):
+        if self.qformer_tokenizer is None:
+            raise ValueError(
+                "this processor has no qformer_tokenizer (the Q-Former's BERT tokenizer, needed for stage-1 text); "
+                "pass one: Blip2FlanT5Processor(image_processor, tokenizer, qformer_tokenizer=...)"
+            )
+        return self.qformer_tokenizer(
+            _as_list(texts, "qformer_text"),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_text_length,
+            return_token_type_ids=False,
+            return_tensors=return_tensors,
+        )
+
+    def pretraining_inputs(self, images, captions, return_tensors: str | None = "pt") -> BatchFeature:
+        """`pixel_values`, `input_ids`, `attention_mask` (BERT vocabulary) for `Blip2FlanT5ForPretraining`."""
+        encoding = dict(self.image_processor(images, return_tensors=return_tensors))
+        encoding.update(self._qformer_tokenize(captions, return_tensors))
+        return BatchFeature(encoding, tensor_type=return_tensors)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """T5 generates only the answer (no prompt echo): decoding is all there is to do."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(os.path.join(save_directory, QFORMER_TOKENIZER_SUBFOLDER))
+        return files
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if processor.qformer_tokenizer is None:
+            load_kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "revision", "token", "local_files_only")}
+            try:
+                processor.qformer_tokenizer = AutoTokenizer.from_pretrained(
+                    pretrained_model_name_or_path, subfolder=QFORMER_TOKENIZER_SUBFOLDER, **load_kwargs
+                )
+            except (OSError, ValueError):
+                logger.info(f"{pretrained_model_name_or_path} has no {QFORMER_TOKENIZER_SUBFOLDER}/ (stage-2 only)")
+        return processor
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("qformer_tokenizer", None)
+        output["max_text_length"] = self.max_text_length
+        return output
+
+
+def _as_list(text, name: str) -> list[str]:
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        return list(text)
+    raise ValueError(f"{name} must be a string or a list of strings, got {type(text).__name__}")
+
+
+__all__ = ["Blip2FlanT5Processor"]
