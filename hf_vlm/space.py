@@ -1,5 +1,5 @@
-"""The Gradio Space: captioning (BLIP-2 and CoCa side by side), visual question answering (BLIP-2) and
-zero-shot classification (CoCa).
+"""The Gradio Space: captioning (BLIP-2 and CoCa side by side), visual question answering (BLIP-2),
+zero-shot classification and text-to-image retrieval (CoCa).
 
 spaces/app.py (the file pushed to a Space) and `hf-vlm space` both call `create_demo()`, so the Space
 and the local command cannot drift apart. Everything the UI does lives in this module.
@@ -40,6 +40,7 @@ MAX_UPLOAD_SIZE = "25mb"
 MAX_QUESTION_CHARS = 200
 MAX_LABELS = 20
 MAX_LABEL_CHARS = 64
+MAX_RETRIEVAL_IMAGES = 16
 
 # Generation controls: (minimum, maximum, default) — the sliders and the server-side checks share them.
 DECODING_STRATEGIES = ("greedy", "beam search", "nucleus sampling")
@@ -154,14 +155,12 @@ def load_models(blip2: str | None = None, coca: str | None = None) -> SpaceModel
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_upload(payload) -> None:
-    """Refuse a file that is not an image, or too many pixels to decode, with a message naming it."""
-    if payload is None or not payload.path:
-        return
-    name = Path(payload.orig_name or payload.path).name
+def check_image_file(path: str | Path, name: str | None = None) -> None:
+    """Refuse a file that is not an image, or has too many pixels to decode, with a message naming it."""
+    name = name or Path(path).name
     limit = f"images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted"
     try:
-        with Image.open(payload.path) as header:  # reads the header only
+        with Image.open(path) as header:  # reads the header only
             width, height = header.size
     except Image.DecompressionBombError:  # PIL's own limit (far above ours) refuses to even open it
         raise gr.Error(f"{name} has far too many pixels; {limit}.") from None
@@ -172,14 +171,15 @@ def _check_upload(payload) -> None:
 
 
 def checked_image(**kwargs) -> gr.Image:
-    """A gr.Image whose uploads are checked by `_check_upload` before gradio decodes them (gradio decodes
+    """A gr.Image whose uploads are checked by `check_image_file` before gradio decodes them (gradio decodes
     before our functions run, so a bad file would otherwise end as an opaque server error). The check
     wraps this instance's preprocess: subclassing a gradio component makes gradio write a .pyi stub."""
     image = gr.Image(**kwargs)
-    decode = image.preprocess
+    decode = image.preprocess  # gradio's own
 
     def preprocess(payload):
-        _check_upload(payload)
+        if payload is not None and payload.path:
+            check_image_file(payload.path, Path(payload.orig_name or payload.path).name)
         try:
             return decode(payload)
         except (UnidentifiedImageError, OSError, SyntaxError) as err:  # a header that lied
@@ -202,12 +202,13 @@ def prepare_image(image: Image.Image | None) -> tuple[Image.Image, str]:
     return image, f"Note: the image was downscaled from {width}×{height} to {image.width}×{image.height} pixels."
 
 
-def check_question(question: str | None) -> str:
+def check_question(question: str | None, what: str = "question") -> str:
+    """Whitespace-normalised text, neither empty nor longer than MAX_QUESTION_CHARS."""
     question = " ".join((question or "").split())
     if not question:
-        raise gr.Error("The question is empty: type a question about the image.")
+        raise gr.Error(f"The {what} is empty: type a {what} about the image.")
     if len(question) > MAX_QUESTION_CHARS:
-        raise gr.Error(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
+        raise gr.Error(f"The {what} is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
     return question
 
 
@@ -299,7 +300,7 @@ def _generate_text(loaded: LoadedModel, image: Image.Image, prompt: str | None, 
 
 
 class SpaceApp:
-    """The three tasks as plain functions of the inputs (each one is a UI event and an API endpoint)."""
+    """The four tasks as plain functions of the inputs (each one is a UI event and an API endpoint)."""
 
     def __init__(self, models: SpaceModels):
         self.models = models
@@ -353,6 +354,39 @@ class SpaceApp:
         return dict(zip(labels, probs)), chart, notice
 
 
+    @_visible_errors
+    def retrieve(self, gallery, query):
+        """Rank the uploaded images by CoCa's similarity to the text query (text-to-image retrieval)."""
+        import torch
+
+        paths = [item[0] if isinstance(item, (tuple, list)) else item for item in (gallery or [])]
+        if not paths:
+            raise gr.Error("No images: upload a few images to search among.")
+        if len(paths) > MAX_RETRIEVAL_IMAGES:
+            raise gr.Error(f"{len(paths)} images uploaded; at most {MAX_RETRIEVAL_IMAGES} are searched.")
+        query = check_question(query, what="query")
+        images, notices = [], []
+        for path in paths:
+            check_image_file(path)
+            with Image.open(path) as opened:
+                image, notice = prepare_image(opened)
+            images.append(image)
+            if notice:
+                notices.append(f"{Path(path).name}: {notice}")
+        loaded = _require(self.models.coca, "CoCa", COCA_ENV)
+        inputs = loaded.processor(images=images, text=[query], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            outputs = loaded.model(
+                input_ids=inputs["input_ids"].to(loaded.device),
+                attention_mask=inputs["attention_mask"].to(loaded.device),
+                pixel_values=inputs["pixel_values"].to(loaded.device, loaded.dtype),
+            )
+        probs = outputs.logits_per_text[0].float().softmax(-1).tolist()
+        ranking = sorted(range(len(paths)), key=lambda i: -probs[i])
+        ranked = [(paths[i], f"{rank}. {probs[i]:.1%}") for rank, i in enumerate(ranking, start=1)]
+        return ranked, "\n\n".join(notices)
+
+
 # --------------------------------------------------------------------------------------------------
 # Examples: drawn at startup (no files to ship, nothing downloaded)
 # --------------------------------------------------------------------------------------------------
@@ -365,6 +399,7 @@ EXAMPLE_QUESTION_KINDS = ("color", "count", "yes/no")
 @dataclass
 class Example:
     image_path: str
+    caption: str
     question: str
     labels: str
 
@@ -386,7 +421,7 @@ def write_examples(folder: str | Path) -> list[Example]:
         image.save(path)
         kind = EXAMPLE_QUESTION_KINDS[index % len(EXAMPLE_QUESTION_KINDS)]
         question = next(q for q, _, qtype in scene.questions() if qtype == kind)
-        examples.append(Example(str(path), question, labels))
+        examples.append(Example(str(path), scene.caption, question, labels))
     return examples
 
 
@@ -395,7 +430,8 @@ def write_examples(folder: str | Path) -> list[Example]:
 # --------------------------------------------------------------------------------------------------
 
 INTRO = """# hf-vlm: BLIP-2-FlanT5 and CoCa
-Caption an image with both models, ask BLIP-2 a question about it, or let CoCa pick among your labels.
+Caption an image with both models, ask BLIP-2 a question about it, let CoCa pick among your labels, or let
+CoCa rank a set of images by a text query.
 """
 
 
@@ -471,6 +507,23 @@ def build_demo(models: SpaceModels, examples_dir: str | Path | None = None) -> g
                     notice = gr.Markdown(elem_id="zero-shot-notice")
             gr.Examples([[e.image_path, e.labels] for e in examples], inputs=[image, labels], cache_examples=False)
             button.click(app.classify, [image, labels, template], [label, chart, notice], api_name="classify", **run)
+
+        with gr.Tab("Retrieval", id="retrieval"):
+            with gr.Row():
+                with gr.Column():
+                    gallery = gr.Gallery(type="filepath", label=f"Images to search (up to {MAX_RETRIEVAL_IMAGES})",
+                                         file_types=["image"], interactive=True, columns=4, height=320,
+                                         elem_id="retrieval-images")
+                    query = gr.Textbox(label="Text query", max_length=MAX_QUESTION_CHARS, elem_id="retrieval-query",
+                                       placeholder="a large red circle")
+                    button = gr.Button("Search", variant="primary", elem_id="retrieval-button")
+                with gr.Column():
+                    ranked = gr.Gallery(label="Ranked by CoCa (probability over the uploaded images)", columns=4,
+                                        height=320, interactive=False, elem_id="retrieval-ranked")
+                    notice = gr.Markdown(elem_id="retrieval-notice")
+            gr.Examples([[[e.image_path for e in examples], e.caption] for e in examples], inputs=[gallery, query],
+                        cache_examples=False)
+            button.click(app.retrieve, [gallery, query], [ranked, notice], api_name="retrieve", **run)
 
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=MAX_QUEUE_SIZE)
     return demo
