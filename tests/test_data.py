@@ -1,0 +1,540 @@
+"""The data pipeline: real image files in each source format flow through loading, mixing, decoding,
+transforms and collation; bad samples are skipped and counted (also inside DataLoader workers)."""
+
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_vlm.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IGNORE_INDEX,
+    ImageTextCollator,
+    ImageTextSource,
+    PreparedDataset,
+    SkipCounter,
+    build_image_transform,
+    build_training_data,
+    image_transform_from_processor,
+    load_image_text_dataset,
+    load_rgb_image,
+    prepare_dataset,
+)
+from hf_vlm.testing import random_image
+
+IMAGE_SIZE = 32  # small crops keep the tests fast; the recipes' default is 224
+
+
+def _encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _corpus():
+    """(key, image bytes, caption) of a small corpus with every kind of bad and unusual sample.
+
+    Good: 6 RGB JPEGs, an RGBA PNG, a grayscale JPEG, a CMYK JPEG, a palette PNG.
+    Bad: random bytes, a truncated JPEG (corrupt_image); an empty and a whitespace caption (empty_caption).
+    """
+    rng = np.random.default_rng(0)
+    good_jpeg = _encode(random_image(48, seed=1))
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))  # fully transparent: composited onto white
+    samples = [
+        (f"rgb{i}", _encode(random_image(48, seed=10 + i)), f"a small red circle number {i}")
+        for i in range(6)
+    ]
+    samples += [
+        ("rgba", _encode(rgba, "PNG"), "a transparent square"),
+        ("gray", _encode(random_image(48, seed=2).convert("L")), "a gray picture"),
+        ("cmyk", _encode(random_image(48, seed=3).convert("CMYK")), "a cmyk picture"),
+        ("palette", _encode(random_image(48, seed=4).convert("P"), "PNG"), "a palette picture"),
+        ("corrupt", rng.integers(0, 256, 500, dtype=np.uint8).tobytes(), "random bytes"),
+        ("truncated", good_jpeg[: len(good_jpeg) // 2], "half a jpeg"),
+        ("nocaption", _encode(random_image(48, seed=5)), ""),
+        ("blankcaption", _encode(random_image(48, seed=6)), "   \n"),
+    ]
+    return samples
+
+
+GOOD = 10
+CORRUPT = 2
+EMPTY = 2
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """The corpus written as webdataset shards (2 shards, .txt captions), an imagefolder with
+    metadata.jsonl, one with metadata.csv, and parquet (datasets' Image struct)."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("corpora")
+    samples = _corpus()
+    paths = {"webdataset": root / "wds", "imagefolder": root / "folder", "parquet": root / "parquet"}
+    for path in paths.values():
+        path.mkdir()
+    half = len(samples) // 2
+    for shard, part in enumerate((samples[:half], samples[half:])):
+        with tarfile.open(paths["webdataset"] / f"shard-{shard:03d}.tar", "w") as tar:
+            for key, data, caption in part:
+                _add(tar, f"{key}.jpg", data)  # PNG bytes under .jpg too: PIL reads the content
+                _add(tar, f"{key}.txt", caption.encode())
+    with open(paths["imagefolder"] / "metadata.jsonl", "w") as metadata:
+        for key, data, caption in samples:
+            (paths["imagefolder"] / f"{key}.img").write_bytes(data)
+            metadata.write(json.dumps({"file_name": f"{key}.img", "caption": caption}) + "\n")
+    table = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": d, "path": f"{k}.jpg"} for k, d, _ in samples],
+            "text": [c for _, _, c in samples],
+        },
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )
+    table.to_parquet(str(paths["parquet"] / "train-00000.parquet"))
+    paths["csv_folder"] = root / "csv_folder"
+    paths["csv_folder"].mkdir()
+    lines = ["file_name,alt_text"]
+    for key, data, caption in samples:
+        (paths["csv_folder"] / f"{key}.png").write_bytes(data)
+        lines.append(f'{key}.png,"{caption}"')
+    (paths["csv_folder"] / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def _identity_transform(size=IMAGE_SIZE):
+    return build_image_transform("blip2", train=False, image_size=size)
+
+
+# ---- sources ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder", "parquet"])
+def test_every_source_format_loads_to_the_canonical_columns_and_skips_bad_samples(
+    corpora, tmp_path, fmt, streaming
+):
+    raw = load_image_text_dataset(str(corpora[fmt]), streaming=streaming, cache_dir=tmp_path)
+    assert {"image", "text"} <= set(raw.features)
+    counter = SkipCounter()
+    prepared = prepare_dataset(raw, _identity_transform(), counter, shuffle_buffer=0)
+    samples = list(prepared) if streaming else [prepared[i] for i in range(len(prepared))]
+    # streaming drops the bad samples; map-style keeps its length and replaces each by the next usable one
+    assert len(samples) == (GOOD if streaming else GOOD + CORRUPT + EMPTY)
+    assert counter.counts() == {
+        "corrupt_image": CORRUPT,
+        "empty_caption": EMPTY,
+        "empty_question": 0,
+        "empty_answer": 0,
+    }
+    for sample in samples:
+        assert sample["pixel_values"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert sample["pixel_values"].dtype == torch.float32
+        assert sample["text"].strip() == sample["text"] and sample["text"]
+    assert {"a cmyk picture", "a gray picture", "a transparent square", "a palette picture"} <= {
+        s["text"] for s in samples
+    }
+
+
+def test_configurable_columns_and_csv_metadata(corpora, tmp_path):
+    source = ImageTextSource(str(corpora["csv_folder"]), text_column="alt_text")
+    raw = load_image_text_dataset(source, cache_dir=tmp_path)
+    assert raw.column_names == ["image", "text"]
+    assert "random bytes" in raw["text"]
+    assert None in raw["text"]  # CSV writes the empty caption as a missing value: still counted as empty
+
+
+def test_webdataset_json_captions_and_the_hub_code_path(tmp_path):
+    """A webdataset with .json captions (`json.caption`), and a dataset folder read as a Hub dataset
+    would be (`format="hub"`: datasets.load_dataset(path_or_name))."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "000.tar", "w") as tar:
+        for i in range(3):
+            _add(tar, f"k{i}.jpg", _encode(random_image(16, seed=i)))
+            _add(tar, f"k{i}.json", json.dumps({"caption": f"caption {i}", "width": 16}).encode())
+    for streaming in (False, True):
+        raw = load_image_text_dataset(
+            str(shards / "*.tar"), streaming=streaming, cache_dir=tmp_path / "cache"
+        )
+        assert [row["text"] for row in raw] == ["caption 0", "caption 1", "caption 2"]
+        assert [row["__key__"] for row in raw] == ["k0", "k1", "k2"]
+
+    hub_repo = tmp_path / "hub_repo" / "data"
+    hub_repo.mkdir(parents=True)
+    import datasets
+
+    datasets.Dataset.from_dict(
+        {"picture": [{"bytes": _encode(random_image(16)), "path": "x.jpg"}], "sentence": ["a hub caption"]},
+        features=datasets.Features({"picture": datasets.Image(), "sentence": datasets.Value("string")}),
+    ).to_parquet(str(hub_repo / "train-00000-of-00001.parquet"))
+    source = ImageTextSource(
+        str(hub_repo.parent), format="hub", image_column="picture", text_column="sentence"
+    )
+    raw = load_image_text_dataset(source, cache_dir=tmp_path / "cache")
+    assert raw["text"] == ["a hub caption"]
+
+
+def test_missing_sources_and_columns_are_named_in_the_error(corpora, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        load_image_text_dataset(str(tmp_path / "no-such-dir"))
+    with pytest.raises(FileNotFoundError, match=r"\*\.tar"):
+        load_image_text_dataset(str(tmp_path / "*.tar"))
+    with pytest.raises(KeyError, match=r"no text column 'headline'.*\['image', 'caption'"):
+        load_image_text_dataset(
+            ImageTextSource(str(corpora["imagefolder"]), text_column="headline"), cache_dir=tmp_path
+        )
+    with pytest.raises(RuntimeError, match="could not load Hub dataset 'nobody/no-such-dataset'"):
+        load_image_text_dataset("nobody/no-such-dataset", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        ImageTextSource.from_spec("shards/*.tar@0")
+
+
+def _two_text_sources(root, rows=120):
+    import datasets
+
+    image = {"bytes": _encode(random_image(8)), "path": None}
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        datasets.Dataset.from_dict(
+            {"image": [image] * rows, "text": [f"{name} {i}" for i in range(rows)]}, features=features
+        ).to_parquet(str(root / name / "data.parquet"))
+    return root / "a", root / "b"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+def test_weighted_mixing_follows_the_weights_and_is_reproducible(tmp_path, streaming):
+    a, b = _two_text_sources(tmp_path)
+    specs = [f"{a}@3", f"{b}@1"]
+
+    def origins(seed):
+        mixed = load_image_text_dataset(
+            specs,
+            streaming=streaming,
+            seed=seed,
+            stopping_strategy="first_exhausted",
+            cache_dir=tmp_path / "c",
+        )
+        return [row["text"].split()[0] for row in mixed]
+
+    first = origins(seed=7)
+    assert first == origins(seed=7)  # same seed, same order
+    assert first != origins(seed=8)
+    share_a = first.count("a") / len(first)
+    assert 0.65 < share_a < 0.85, f"source a (weight 0.75) gave {share_a:.2f} of {len(first)} samples"
+    assert first.count("a") == 120  # first_exhausted: ends when the heavier source a runs out
+
+
+def test_streaming_shuffle_is_seeded(corpora, tmp_path):
+    def order(seed):
+        raw = load_image_text_dataset(str(corpora["webdataset"]), streaming=True)
+        return [
+            s["text"]
+            for s in prepare_dataset(raw, _identity_transform(), SkipCounter(), shuffle_buffer=8, seed=seed)
+        ]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    assert sorted(order(1)) == sorted(order(2))
+
+
+# ---- images and transforms -------------------------------------------------------------------
+
+
+def test_non_rgb_images_become_rgb():
+    white_cmyk = Image.new("CMYK", (4, 4), (0, 0, 0, 0))
+    transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    half_red = Image.new("RGBA", (4, 4), (255, 0, 0, 128))
+    gray = Image.new("L", (4, 4), 100)
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 255] * 256)
+    deep = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    expected = {
+        "cmyk": (white_cmyk, (255, 255, 255)),
+        "transparent": (transparent, (255, 255, 255)),
+        "half red": (half_red, (255, 127, 127)),
+        "gray": (gray, (100, 100, 100)),
+        "palette": (palette, (0, 0, 255)),
+        "16-bit": (deep, (255, 255, 255)),
+    }
+    for name, (image, pixel) in expected.items():
+        for value in (
+            image,
+            {"bytes": _encode(image, "PNG" if image.mode != "CMYK" else "JPEG"), "path": None},
+        ):
+            rgb = load_rgb_image(value, name)
+            assert rgb.mode == "RGB", name
+            assert np.abs(np.asarray(rgb)[0, 0].astype(int) - pixel).max() <= 2, (name, np.asarray(rgb)[0, 0])
+
+
+def test_eval_transform_is_deterministic_and_normalized_with_clip_statistics():
+    mean_color = tuple(round(m * 255) for m in CLIP_MEAN)
+    transform = build_image_transform("coca", train=False, image_size=224)
+    pixel_values = transform(Image.new("RGB", (300, 200), mean_color))
+    assert pixel_values.shape == (3, 224, 224) and pixel_values.dtype == torch.float32
+    assert pixel_values.abs().max() < 0.01  # the mean colour normalizes to zero
+    white = transform(Image.new("RGB", (50, 80), (255, 255, 255)))
+    expected = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    torch.testing.assert_close(white[:, 100, 100], expected, atol=1e-4, rtol=0)
+    image = random_image(96, seed=3)
+    assert torch.equal(transform(image), transform(image))
+
+
+def test_train_transforms_augment_per_recipe_and_follow_the_seed():
+    image = random_image(96, seed=3)
+    for recipe in ("blip2", "coca"):
+        transform = build_image_transform(recipe, train=True, image_size=64)
+        torch.manual_seed(0)
+        first = transform(image)
+        torch.manual_seed(0)
+        assert torch.equal(first, transform(image))
+        assert first.shape == (3, 64, 64)
+        assert not torch.equal(first, transform(image))
+    names = lambda recipe: [type(t).__name__ for t in build_image_transform(recipe).transforms]  # noqa: E731
+    assert names("blip2")[0] == "RandomResizedCrop" and "ColorJitter" not in names("blip2")
+    assert {"RandomHorizontalFlip", "ColorJitter"} <= set(names("coca"))
+    eval_steps = [type(t).__name__ for t in build_image_transform(train=False).transforms]
+    assert eval_steps[:2] == ["Resize", "CenterCrop"]
+
+
+def test_image_transform_reads_size_and_statistics_from_an_image_processor():
+    from transformers import CLIPImageProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 40},
+        crop_size={"height": 40, "width": 40},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    transform = image_transform_from_processor(image_processor, "blip2", train=False)
+    pixel_values = transform(Image.new("RGB", (60, 50), (255, 255, 255)))
+    assert pixel_values.shape == (3, 40, 40)
+    torch.testing.assert_close(pixel_values, torch.ones_like(pixel_values))
+
+
+# ---- collators -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    """A tiny BERT WordPiece tokenizer (the Q-Former's tokenizer type), trained here."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    from hf_vlm.testing import TINY_CORPUS
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train_from_iterator(
+        TINY_CORPUS, trainers.WordPieceTrainer(vocab_size=150, special_tokens=specials)
+    )
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return BertTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer(t5_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(t5_tokenizer_dir)
+
+
+def _prepared(texts, **extra):
+    return [{"pixel_values": torch.randn(3, 8, 8), "text": t, **extra} for t in texts]
+
+
+def test_coca_collator_tokenizes_captions_to_fixed_length_input_ids(t5_tokenizer):
+    samples = _prepared(["a small red circle left of a blue square", "a photo of a cat"])
+    batch = ImageTextCollator.for_recipe("coca", t5_tokenizer)(samples)
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "return_loss"}
+    assert batch["return_loss"] is True
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 77)
+    assert batch["input_ids"].dtype == torch.long
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths[0] > lengths[1]
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == t5_tokenizer.pad_token_id).all()
+    decoded = t5_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert decoded == [s["text"] for s in samples]
+
+
+def test_blip2_stage2_collator_puts_the_prompt_in_input_ids_and_the_caption_in_labels(t5_tokenizer):
+    samples = _prepared(["a large green triangle above a yellow circle", "a photo of a dog"])
+    batch = ImageTextCollator.for_recipe("blip2-caption", t5_tokenizer)(samples)
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
+    assert t5_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True) == ["a photo of"] * 2
+    labels = batch["labels"]
+    assert (labels[1] == IGNORE_INDEX).any() and not (labels[0] == IGNORE_INDEX).any()
+    targets = [t5_tokenizer.decode(row[row != IGNORE_INDEX], skip_special_tokens=True) for row in labels]
+    assert targets == [s["text"] for s in samples]
+    stage2 = ImageTextCollator.for_recipe("blip2-stage2", t5_tokenizer)(samples)  # no prompt: just </s>
+    assert stage2["input_ids"].tolist() == [[t5_tokenizer.eos_token_id]] * 2
+
+
+def test_vqa_collator_formats_the_question_prompt_and_targets_the_most_common_answer(t5_tokenizer):
+    samples = [
+        {
+            "pixel_values": torch.zeros(3, 8, 8),
+            "question": "what color is the circle?",
+            "answers": ["red", "blue"],
+        },
+        {"pixel_values": torch.zeros(3, 8, 8), "question": "is there a square?", "answers": ["yes"]},
+    ]
+    # the tiny tokenizer splits words finely: a longer prompt budget than the recipe's 32 tokens
+    batch = ImageTextCollator.for_recipe("blip2-vqa", t5_tokenizer, max_length=128)(samples)
+    prompts = t5_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert prompts == [
+        "Question: what color is the circle? Short answer:",
+        "Question: is there a square? Short answer:",
+    ]
+    targets = [
+        t5_tokenizer.decode(row[row != IGNORE_INDEX], skip_special_tokens=True) for row in batch["labels"]
+    ]
+    assert targets == ["red", "yes"]
+
+
+def test_blip2_stage1_collator_uses_the_processors_qformer_bert_tokenizer(t5_tokenizer, bert_tokenizer):
+    from types import SimpleNamespace
+
+    processor = SimpleNamespace(tokenizer=t5_tokenizer, qformer_tokenizer=bert_tokenizer)
+    batch = ImageTextCollator.for_recipe("blip2-stage1", processor)(
+        _prepared(["a red circle", "a blue square"])
+    )
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "return_loss"}
+    assert (batch["input_ids"][:, 0] == bert_tokenizer.cls_token_id).all()
+    assert bert_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True) == [
+        "a red circle",
+        "a blue square",
+    ]
+    with pytest.raises(TypeError, match="qformer_tokenizer"):
+        ImageTextCollator.for_recipe("blip2-stage1", SimpleNamespace(tokenizer=t5_tokenizer))
+
+
+def test_vqa_data_from_disk_with_answer_lists(tmp_path, t5_tokenizer):
+    folder = tmp_path / "vqa"
+    folder.mkdir()
+    rows = [
+        ("q0.png", "what color is the circle?", [{"answer": "red"}, {"answer": "blue"}, {"answer": "red"}]),
+        ("q1.png", "  ", [{"answer": "yes"}]),  # empty question
+        ("q2.png", "is there a square?", []),  # no answer
+        ("q3.png", "how many shapes are there?", [{"answer": "two"}]),
+    ]
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for name, question, answers in rows:
+            random_image(16).save(folder / name)
+            metadata.write(json.dumps({"file_name": name, "question": question, "answers": answers}) + "\n")
+    counter = SkipCounter()
+    data = build_training_data(
+        "blip2-vqa",
+        str(folder),
+        counter=counter,
+        image_transform=_identity_transform(16),
+        tokenizer=t5_tokenizer,
+        streaming=True,
+        shuffle_buffer=0,
+        cache_dir=tmp_path / "c",
+    )
+    samples = list(data.dataset)
+    assert [s["answers"][0] for s in samples] == ["red", "two"]
+    assert counter.counts()["empty_question"] == 1 and counter.counts()["empty_answer"] == 1
+    batch = data.collator(samples)
+    assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["labels"].shape[0] == 2
+
+
+# ---- skips in DataLoader workers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+def test_skips_in_dataloader_workers_are_counted_and_batches_stay_full(
+    corpora, t5_tokenizer, tmp_path, streaming
+):
+    counter = SkipCounter()  # made before the workers start
+    data = build_training_data(
+        "coca",
+        str(corpora["webdataset"]),
+        counter=counter,
+        image_transform=_identity_transform(),
+        tokenizer=t5_tokenizer,
+        streaming=streaming,
+        seed=0,
+        shuffle_buffer=4,
+        cache_dir=tmp_path,
+    )
+    if streaming:
+        # Each worker streams its own shard and batches it; like the Trainer's dataloader_drop_last,
+        # drop_last removes a worker's partial final batch.
+        loader_kwargs = {"drop_last": True}
+    else:
+        loader_kwargs = {
+            "sampler": torch.utils.data.RandomSampler(
+                data.dataset, generator=torch.Generator().manual_seed(0)
+            )
+        }
+    loader = torch.utils.data.DataLoader(
+        data.dataset, batch_size=2, num_workers=2, collate_fn=data.collator, **loader_kwargs
+    )
+    batches = list(loader)
+    assert all(batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) for batch in batches)
+    assert all(batch["input_ids"].shape == (2, 77) for batch in batches)
+    # streaming: shard 0 has 7 usable samples (3 full batches), shard 1 has 3 (1 full batch);
+    # map-style: every index yields a sample (bad ones replaced), 14 = 7 full batches.
+    assert sum(len(b["input_ids"]) for b in batches) == (8 if streaming else GOOD + CORRUPT + EMPTY)
+    assert counter.counts()["corrupt_image"] == CORRUPT
+    assert counter.counts()["empty_caption"] == EMPTY
+
+
+def test_first_skips_are_logged_with_their_file_and_key(corpora, caplog, tmp_path):
+    counter = SkipCounter(max_warnings=3)
+    raw = load_image_text_dataset(str(corpora["webdataset"]), streaming=True)
+    with caplog.at_level(logging.WARNING, logger="hf_vlm.data.skips"):
+        list(prepare_dataset(raw, _identity_transform(), counter, shuffle_buffer=0))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3  # only the first few; the rest are counted
+    assert "shard-001.tar:corrupt (corrupt_image)" in messages[0]
+    assert "shard-001.tar:truncated (corrupt_image)" in messages[1]
+    assert "nocaption (empty_caption)" in messages[2]
+    assert counter.total == CORRUPT + EMPTY
+
+
+def test_map_style_replaces_a_bad_index_with_the_next_usable_sample(corpora, tmp_path):
+    raw = load_image_text_dataset(str(corpora["imagefolder"]), cache_dir=tmp_path)
+    counter = SkipCounter()
+    prepared = prepare_dataset(raw, _identity_transform(), counter)
+    assert isinstance(prepared, PreparedDataset) and len(prepared) == len(raw)
+    texts = raw["text"]
+    unusable = {"random bytes", "half a jpeg", "", "   \n"}
+    corrupt = texts.index("random bytes")
+    following = texts[corrupt + 1 :] + texts[:corrupt]
+    assert prepared[corrupt]["text"] == next(t for t in following if t not in unusable)
+    assert (
+        counter.counts()["corrupt_image"] == 1
+    )  # only the drawn index counts; the walk past others does not
+
+
+def test_a_dataset_of_only_bad_samples_fails_with_a_clear_error(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"not an image")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.jpg", "text": "x"}) + "\n")
+    prepared = prepare_dataset(
+        load_image_text_dataset(str(folder), cache_dir=tmp_path), _identity_transform(), SkipCounter()
+    )
+    with pytest.raises(RuntimeError, match="dataset looks broken"):
+        prepared[0]
