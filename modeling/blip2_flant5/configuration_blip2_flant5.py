@@ -155,3 +155,6 @@ class Blip2FlanT5Config(PreTrainedConfig):
 
 
 __all__ = ["Blip2FlanT5Config", "Blip2FlanT5QFormerConfig", "Blip2FlanT5VisionConfig"]
+
+# save_pretrained writes "auto_map" and copies this file, so trust_remote_code loading works without hf_vlm.
+Blip2FlanT5Config.register_for_auto_class()

@@ -399,6 +399,17 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
         super()._set_gradient_checkpointing(enable, *args, **kwargs)
         self.vision_model.set_grad_checkpointing(enable)
 
+    # Auto classes besides `_auto_class` that the saved folder's auto_map should also answer.
+    _extra_auto_classes: tuple[str, ...] = ()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            for auto_class in self._extra_auto_classes:
+                auto_map[auto_class] = f"{__name__.split('.')[-1]}.{type(self).__name__}"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def train(self, mode: bool = True):
         """Frozen parts stay in eval mode (no dropout / drop-path), as BLIP-2 trains."""
         super().train(mode)
@@ -653,6 +664,7 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
     `cat(ones(num_query_tokens), prompt_mask)`. `labels` are the target tokens (pad positions are ignored).
     """
 
+    _extra_auto_classes = ("AutoModel",)
     _keys_to_ignore_on_load_unexpected = [
         r"^vision_proj\.", r"^text_proj\.", r"^itm_head\.", r"^lm_head\.", r"^temp$", r"^qformer\.embeddings\.",
         *STAGE1_ONLY_PATTERNS,
@@ -838,6 +850,10 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
             return model, {"unused_stage1_keys": unused, "newly_initialized_keys": newly_initialized}
         return model
 
+
+# save_pretrained writes "auto_map" and copies the modeling files, so trust_remote_code loading works without hf_vlm.
+Blip2FlanT5ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+Blip2FlanT5ForPretraining.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
     "Blip2FlanT5ForConditionalGeneration",

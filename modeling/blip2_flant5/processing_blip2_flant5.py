@@ -30,6 +30,21 @@ class Blip2FlanT5Processor(ProcessorMixin):
         self.max_text_length = kwargs.pop("max_text_length", 32)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
+    @classmethod
+    def from_tokenizers(cls, tokenizer, qformer_tokenizer=None, image_size: int = 224, max_text_length: int = 32):
+        """The processor BLIP-2 is trained with: `image_size` px bicubic resize, CLIP mean/std, RGB."""
+        from transformers import BlipImageProcessor
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+        image_processor = BlipImageProcessor(
+            size={"height": image_size, "width": image_size},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+            do_convert_rgb=True,
+        )
+        return cls(image_processor, tokenizer, qformer_tokenizer=qformer_tokenizer, max_text_length=max_text_length)
+
     @property
     def model_input_names(self):
         return ["pixel_values", "input_ids", "attention_mask"]
@@ -118,5 +133,8 @@ def _as_list(text, name: str) -> list[str]:
         return list(text)
     raise ValueError(f"{name} must be a string or a list of strings, got {type(text).__name__}")
 
+
+# save_pretrained writes "auto_map" and copies this file, so trust_remote_code loading works without hf_vlm.
+Blip2FlanT5Processor.register_for_auto_class()
 
 __all__ = ["Blip2FlanT5Processor"]
