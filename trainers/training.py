@@ -1,0 +1,359 @@
+"""The training run shared by pretrain.py and finetune.py: arguments, model, data, stock `Trainer`.
+
+Arguments come from four dataclasses parsed by `HfArgumentParser`: RecipeArguments (--recipe),
+ModelArguments, DataArguments and transformers' TrainingArguments. The recipe's values are the
+defaults; every flag given on the command line overrides them.
+
+Stages (recipes/__init__.py lists them) pick the model class and the data recipe:
+  coca           CocaModel, contrastive + caption loss
+  blip2-stage1   Blip2FlanT5ForPretraining (ITC + ITM + ITG), frozen ViT
+  blip2-stage2   Blip2FlanT5ForConditionalGeneration, frozen ViT and T5; --init_qformer_from a stage-1 run
+  coca-caption   CocaModel fine-tuned on the caption loss only
+  blip2-caption / blip2-vqa   Blip2FlanT5ForConditionalGeneration fine-tuning (prompted)
+Which parts are frozen is a fact of the model config (freeze_vision / freeze_language_model); the
+model sets requires_grad from it and the Trainer's optimizer only takes trainable parameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from hf_vlm.trainers.recipes import FINETUNE_STAGES, PRETRAIN_STAGES, Recipe, deepspeed_config, get_recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    model_class: str  # "module:Class"
+    data_recipe: str  # key of hf_vlm.data.DATA_RECIPES
+    config_overrides: tuple = ()  # (name, value) pairs the stage always sets on the model config
+
+
+STAGES = {
+    "coca": Stage("hf_vlm.modeling.coca:CocaModel", "coca"),
+    "blip2-stage1": Stage("hf_vlm.modeling.blip2_flant5:Blip2FlanT5ForPretraining", "blip2-stage1"),
+    "blip2-stage2": Stage("hf_vlm.modeling.blip2_flant5:Blip2FlanT5ForConditionalGeneration", "blip2-stage2"),
+    # CoCa is fine-tuned for captioning with the caption loss alone.
+    "coca-caption": Stage("hf_vlm.modeling.coca:CocaModel", "coca", (("contrastive_loss_weight", 0.0),)),
+    "blip2-caption": Stage("hf_vlm.modeling.blip2_flant5:Blip2FlanT5ForConditionalGeneration", "blip2-caption"),
+    "blip2-vqa": Stage("hf_vlm.modeling.blip2_flant5:Blip2FlanT5ForConditionalGeneration", "blip2-vqa"),
+}
+
+
+@dataclass
+class RecipeArguments:
+    recipe: str = field(metadata={"help": "recipe name (trainers/recipes/); its values are the defaults"})
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(
+        default=None, metadata={"help": "preset name (hf_vlm.presets), local checkpoint folder or Hub id"}
+    )
+    processor: str | None = field(
+        default=None,
+        metadata={"help": "processor or tokenizer folder / Hub id; default: the --model checkpoint's own"},
+    )
+    init_qformer_from: str | None = field(
+        default=None, metadata={"help": "blip2-stage2: stage-1 checkpoint whose Q-Former (and ViT) to start from"}
+    )
+    freeze_vision: bool | None = field(default=None, metadata={"help": "override the config's freeze_vision"})
+    freeze_language_model: bool | None = field(
+        default=None, metadata={"help": "override the config's freeze_language_model (BLIP-2)"}
+    )
+
+
+@dataclass
+class DataArguments:
+    train_data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "sources as PATH[@WEIGHT]: webdataset shards (*.tar), imagefolder, parquet, Hub name"},
+    )
+    streaming: bool = field(default=False, metadata={"help": "stream the sources (needs --max_steps)"})
+    image_size: int | None = field(default=None, metadata={"help": "default: the model's image size"})
+    max_length: int | None = field(default=None, metadata={"help": "text tokens; default: the data recipe's"})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle buffer (samples)"})
+    dataset_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _resolve_deepspeed(value):
+    """--deepspeed zero2 / zero3 name our configs; anything else is a path (or dict) as transformers takes it."""
+    if isinstance(value, str) and value in ("zero2", "zero3"):
+        return deepspeed_config(value)
+    return value
+
+
+def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str):
+    """Parse the command line over the recipe's defaults.
+
+    Returns (recipe, ModelArguments, DataArguments, TrainingArguments). The process group for a
+    DeepSpeed run on CPU is set up here, before TrainingArguments initialises the devices.
+    """
+    import argparse
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from hf_vlm.trainers.distributed import init_distributed_state
+
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--recipe")
+    known, _ = first.parse_known_args(argv)
+
+    parser = HfArgumentParser((RecipeArguments, ModelArguments, DataArguments, TrainingArguments), prog=prog)
+    # Our defaults for every recipe: the batches carry raw images/text columns the model does not name.
+    parser.set_defaults(remove_unused_columns=False)
+    recipe = None
+    if known.recipe:
+        recipe = get_recipe(known.recipe)
+        if recipe.stage not in allowed_stages:
+            raise SystemExit(
+                f"{prog}: recipe {recipe.name!r} is a {recipe.stage!r} recipe; this script runs "
+                f"{', '.join(allowed_stages)} (use {'finetune' if prog.startswith('pretrain') else 'pretrain'}.py)"
+            )
+        parser.set_defaults(**recipe.defaults())
+    namespace = parser.parse_args(argv)
+    if recipe is None:  # argparse has already complained about a missing --recipe
+        raise SystemExit(f"{prog}: --recipe is required")
+
+    namespace.deepspeed = _resolve_deepspeed(namespace.deepspeed)
+    if init_distributed_state(use_deepspeed=bool(namespace.deepspeed)):
+        namespace.accelerator_config = {**(namespace.accelerator_config or {}), "use_configured_state": True}
+
+    outputs = []
+    for dtype in parser.dataclass_types:
+        names = {f.name for f in fields(dtype) if f.init}
+        outputs.append(dtype(**{k: v for k, v in vars(namespace).items() if k in names}))
+    _, model_args, data_args, training_args = outputs
+    if not data_args.train_data:
+        raise SystemExit(f"{prog}: --train_data is required (one or more PATH[@WEIGHT] sources)")
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise SystemExit(f"{prog}: --streaming needs --max_steps (a stream has no length)")
+    return recipe, model_args, data_args, training_args
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and processor
+
+
+def _import(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model(stage: Stage, model_args: ModelArguments):
+    """The stage's model from a preset (randomly initialised) or a checkpoint, with config overrides.
+
+    Built with `_from_config` / `from_pretrained`, so that under ZeRO-3 the parameters are created
+    partitioned (deepspeed.zero.Init) as transformers does for its own models.
+    """
+    import hf_vlm  # noqa: F401  (registers our model types with the Auto classes)
+    from hf_vlm.presets import get_config, list_presets
+
+    model_class = _import(stage.model_class)
+    overrides = dict(stage.config_overrides)
+    for name in ("freeze_vision", "freeze_language_model"):
+        if getattr(model_args, name) is not None:
+            overrides[name] = getattr(model_args, name)
+    if model_args.model in list_presets():
+        return model_class._from_config(get_config(model_args.model, **overrides))
+    return model_class.from_pretrained(model_args.model, **overrides)
+
+
+def init_qformer_from_stage1(model, checkpoint: str) -> list[str]:
+    """Copy a stage-1 checkpoint's tensors that stage 2 shares (query_tokens, qformer.*, vision_model.*)
+    into `model`. Every stage-2 Q-Former tensor must be found with the same shape. Returns the copied keys."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    state = _load_state_dict(checkpoint)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    required = [k for k in params if k == "query_tokens" or k.startswith("qformer.")]
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(
+            f"--init_qformer_from {checkpoint}: not a BLIP-2 stage-1 checkpoint, it lacks {len(missing)} Q-Former "
+            f"tensors, e.g. {missing[:3]}"
+        )
+    shared = [k for k in params if k in state and (k in required or k.startswith("vision_model."))]
+    for key in shared:
+        shape = tuple(getattr(params[key], "ds_shape", params[key].shape))
+        if tuple(state[key].shape) != shape:
+            raise ValueError(
+                f"--init_qformer_from {checkpoint}: {key} has shape {tuple(state[key].shape)}, the model {shape}"
+            )
+    import contextlib
+
+    import torch
+
+    gather = contextlib.nullcontext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([params[k] for k in shared], modifier_rank=0)
+    with gather, torch.no_grad():
+        for key in shared:
+            params[key].data.copy_(state[key].to(params[key].dtype))
+    return shared
+
+
+def _load_state_dict(checkpoint: str) -> dict:
+    """All tensors of a saved checkpoint folder (one or several safetensors files)."""
+    from safetensors.torch import load_file
+
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(checkpoint, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint}: no *.safetensors weights in {folder}")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
+
+
+def load_processor(model_args: ModelArguments):
+    """The processor (or tokenizer) that tokenizes the text: --processor, else the checkpoint's own."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from hf_vlm.presets import list_presets
+
+    source = model_args.processor
+    if source is None:
+        if model_args.model in list_presets():
+            raise SystemExit(
+                f"--model {model_args.model} is a preset (random weights, no tokenizer): pass --processor with "
+                "a processor or tokenizer folder"
+            )
+        source = model_args.model
+    try:
+        return AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError):
+        return AutoTokenizer.from_pretrained(source)
+
+
+def _is_processor(obj) -> bool:
+    from transformers import ProcessorMixin
+
+    return isinstance(obj, ProcessorMixin)
+
+
+def build_data(stage: Stage, model, processor, data_args: DataArguments, training_args):
+    """hf_vlm.data's training data for the stage: dataset, collator and the skip counter."""
+    from hf_vlm.data import build_image_transform, build_training_data, data_recipe
+
+    image_size = data_args.image_size or model.config.vision_config.image_size
+    kwargs = {}
+    if _is_processor(processor):
+        kwargs["processor"] = processor
+        kwargs["image_size"] = image_size
+    else:  # a bare tokenizer: the image transform follows the recipe at the model's image size
+        kwargs["tokenizer"] = processor
+        kwargs["image_transform"] = build_image_transform(data_recipe(stage.data_recipe).augmentation,
+                                                          image_size=image_size)
+    return build_training_data(
+        stage.data_recipe,
+        data_args.train_data,
+        max_length=data_args.max_length,
+        streaming=data_args.streaming,
+        seed=training_args.seed,
+        shuffle_buffer=data_args.shuffle_buffer,
+        cache_dir=data_args.dataset_cache_dir,
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def forward_uses_num_items_in_batch(model) -> bool:
+    """Whether `model.forward` normalises its loss by the Trainer's `num_items_in_batch`.
+
+    The Trainer assumes so for any forward with **kwargs and then multiplies the loss by the number of
+    processes (to undo a per-token normalisation over the global batch). Our forwards take **kwargs but
+    average their losses per batch, so that factor would make both the gradients and the logged loss
+    world_size times too large. Only a forward that names the argument gets it.
+    """
+    return "num_items_in_batch" in inspect.signature(model.forward).parameters
+
+
+def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, callbacks=()) -> str:
+    """Parse, build, train, save. Returns the output folder. `callbacks`: extra TrainerCallbacks."""
+    from transformers import Trainer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from hf_vlm.data import SkippedSamplesCallback
+    from hf_vlm.trainers.distributed import patch_deepspeed_scalar_broadcast
+
+    recipe, model_args, data_args, training_args = parse_arguments(argv, allowed_stages, prog)
+    stage = STAGES[recipe.stage]
+    if training_args.deepspeed:
+        patch_deepspeed_scalar_broadcast()
+
+    set_seed(training_args.seed)
+    model = load_model(stage, model_args)
+    if model_args.init_qformer_from:
+        if recipe.stage != "blip2-stage2":
+            raise SystemExit(f"{prog}: --init_qformer_from is for blip2-stage2 recipes, not {recipe.stage!r}")
+        copied = init_qformer_from_stage1(model, model_args.init_qformer_from)
+        logger.info("initialised %d tensors from stage-1 checkpoint %s", len(copied), model_args.init_qformer_from)
+    processor = load_processor(model_args)
+    data = build_data(stage, model, processor, data_args, training_args)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.dataset,
+        data_collator=data.collator,
+        callbacks=list(callbacks),
+    )
+    # First in line, so that report_to integrations (TensorBoard, W&B) log the skip counts too.
+    skips = SkippedSamplesCallback.attach(trainer, data.counter)
+    trainer.model_accepts_loss_kwargs = forward_uses_num_items_in_batch(model)
+
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":  # convenience: the newest checkpoint-N in output_dir
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise SystemExit(f"{prog}: --resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
+    trainer.train(resume_from_checkpoint=resume)
+
+    # Final weights + processor in output_dir: `from_pretrained(output_dir)` loads the trained model.
+    trainer.save_model(training_args.output_dir)
+    skipped = skips.skipped_counts(training_args)  # a collective: every rank calls it
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+        summary = {"recipe": recipe.name, "stage": recipe.stage, "model": model_args.model,
+                   "init_qformer_from": model_args.init_qformer_from, "global_step": trainer.state.global_step,
+                   "skipped_samples": skipped}
+        Path(training_args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()
+    return training_args.output_dir
+
+
+def main_for(stages: tuple[str, ...], prog: str):
+    def main(argv: list[str] | None = None, callbacks=()) -> int:
+        logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s")
+        run(argv, stages, prog, callbacks)
+        return 0
+
+    return main
+
+
+__all__ = ["FINETUNE_STAGES", "PRETRAIN_STAGES", "STAGES", "DataArguments", "ModelArguments", "Recipe",
+           "RecipeArguments", "main_for", "parse_arguments", "run"]
