@@ -193,3 +193,113 @@ def test_results_merge_tasks_atomically_and_print_as_a_table(tmp_path):
         save_results(tmp_path, "caption", {"metrics": {}})
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         save_results(tmp_path / "does-not-exist", "caption", {})
+
+
+# ------------------------------------------------------------------- evaluation data loading
+
+def test_exported_scenes_load_like_the_generated_ones(tmp_path):
+    from hf_vlm.evaluation.runner import load_eval_data
+    from hf_vlm.scenes import export_imagefolder, export_webdataset, generate_scenes
+
+    generated = load_eval_data("scenes:test", num_samples=6)
+    rows = list(generate_scenes("test", 6))
+    export_webdataset(rows, tmp_path / "wds" / "test", samples_per_shard=4)
+    export_imagefolder(rows, tmp_path / "folder" / "test")
+    for spec in (tmp_path / "wds", tmp_path / "wds" / "test" / "*.tar", tmp_path / "folder"):
+        loaded = load_eval_data(str(spec))
+        assert loaded.captions == generated.captions
+        assert loaded.questions == generated.questions
+        assert [np.asarray(i).tolist() for i in loaded.images] == [np.asarray(i).tolist() for i in generated.images]
+        # Class names come from the rows' label_name fields; the labels name the same classes.
+        assert [loaded.class_names[i] for i in loaded.labels] == [generated.class_names[i] for i in generated.labels]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither metadata.jsonl"):
+        load_eval_data(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="has no split 'validation'"):
+        load_eval_data(str(tmp_path / "folder"), split="validation")
+
+
+def test_undecodable_images_and_missing_captions_are_skipped_and_counted(tmp_path):
+    from hf_vlm.evaluation.runner import load_eval_data
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    from hf_vlm.testing import random_image
+
+    random_image(16, seed=0).save(folder / "good.png")
+    random_image(16, seed=1).save(folder / "no_caption.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "metadata.jsonl").write_text(
+        '{"file_name": "good.png", "caption": "a photo", "label": 0}\n'
+        '{"file_name": "broken.png", "caption": "a broken photo", "label": 1}\n'
+        '{"file_name": "no_caption.png", "caption": null, "label": 1}\n'
+    )
+    data = load_eval_data(str(folder), class_names=["a", "b"])
+    assert data.skipped == {"undecodable image": 1}
+    assert data.captions == [["a photo"], []] and data.labels == [0, 1] and data.class_names == ["a", "b"]
+
+
+# --------------------------------------------------------------- end to end on tiny models
+
+@pytest.fixture(scope="module")
+def blip2_checkpoint(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    import hf_vlm  # noqa: F401
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+    from hf_vlm.presets import get_config
+    from hf_vlm.testing import TINY_CORPUS
+    from hf_vlm.tokenization import train_t5_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("blip2-tiny")
+    processor = Blip2FlanT5Processor.from_tokenizers(train_t5_tokenizer(TINY_CORPUS, vocab_size=96), image_size=32)
+    AutoModelForImageTextToText.from_config(get_config("blip2-tiny")).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_hf_vlm_eval_runs_blip2_caption_and_vqa_and_writes_the_results(blip2_checkpoint, capsys):
+    import torch
+
+    from hf_vlm.cli import main
+    from hf_vlm.evaluation.runner import VQA_PROMPT, load_eval_data, load_model
+
+    assert main(["eval", str(blip2_checkpoint), "--task", "caption", "vqa", "--num-samples", "5",
+                 "--max-new-tokens", "6", "--batch-size", "64"]) == 0
+    table = capsys.readouterr().out
+    assert "cider" in table and "bleu4" in table and "vqa_accuracy/yes/no" in table
+
+    results = load_results(blip2_checkpoint)
+    assert set(results) == {"caption", "vqa"}
+    caption, vqa = results["caption"], results["vqa"]
+    assert caption["data"] == "scenes:test" and caption["num_samples"] == 5 and caption["skipped"] == {}
+    assert 0 <= caption["metrics"]["cider"] <= 10 and 0 <= caption["metrics"]["bleu4"] <= 1
+    data = load_eval_data("scenes:test", num_samples=5)
+    assert vqa["num_samples"] == len(data.questions)
+
+    # The recorded scores are those of the model's own generations, computed independently here.
+    model, processor = load_model(str(blip2_checkpoint))
+    with torch.inference_mode():
+        inputs = processor(images=data.images, return_tensors="pt")
+        captions = processor.batch_decode(model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=6),
+                                          skip_special_tokens=True)
+        inputs = processor(images=[data.images[q.image_index] for q in data.questions],
+                           text=[VQA_PROMPT.format(q.question) for q in data.questions], return_tensors="pt")
+        answers = processor.batch_decode(model.generate(**inputs, max_new_tokens=6), skip_special_tokens=True)
+    assert [e["prediction"] for e in caption["examples"]] == [c.strip() for c in captions]
+    assert caption["metrics"] == pytest.approx(caption_metrics(captions, data.captions))
+    assert vqa["metrics"] == pytest.approx(vqa_metrics(answers, [q.answers for q in data.questions],
+                                                       [q.question_type for q in data.questions]))
+
+
+def test_tasks_a_model_cannot_do_are_refused_by_name(blip2_checkpoint):
+    from hf_vlm.evaluation.runner import evaluate, load_eval_data, load_model
+
+    model, processor = load_model(str(blip2_checkpoint))
+    data = load_eval_data("scenes:test", num_samples=2)
+    with pytest.raises(ValueError, match="'zero-shot' is not supported by model_type 'blip2_flant5'.*coca: caption"):
+        evaluate(model, processor, data, "zero-shot")
+    with pytest.raises(ValueError, match="unknown task 'detection'"):
+        evaluate(model, processor, data, "detection")

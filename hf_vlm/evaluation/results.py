@@ -18,10 +18,14 @@ from pathlib import Path
 RESULTS_FILE = "eval_results.json"
 
 
-def load_results(path: str | Path) -> dict:
-    """The results in `path` (a checkpoint folder or the JSON file itself); {} when there are none."""
+def _results_file(path: str | Path) -> Path:
     path = Path(path)
-    file = path / RESULTS_FILE if path.is_dir() else path
+    return path if path.suffix == ".json" else path / RESULTS_FILE
+
+
+def load_results(path: str | Path) -> dict:
+    """The results in `path` (a checkpoint folder or a .json file); {} when there are none yet."""
+    file = _results_file(path)
     if not file.exists():
         return {}
     try:
@@ -33,24 +37,25 @@ def load_results(path: str | Path) -> dict:
     return results
 
 
-def save_results(checkpoint_dir: str | Path, task: str, entry: dict) -> Path:
-    """Merge `entry` as `task` into checkpoint_dir/eval_results.json, written atomically (a temporary
-    file in the same folder, then renamed), so a crash never leaves a half-written file."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} does not exist")
-    results = load_results(checkpoint_dir)
+def save_results(path: str | Path, task: str, entry: dict) -> Path:
+    """Merge `entry` as `task` into `path`/eval_results.json (or into `path` itself if it ends in .json),
+    written atomically (a temporary file in the same folder, then renamed): a crash never leaves a
+    half-written file. Returns the file's path."""
+    file = _results_file(path)
+    if not file.parent.is_dir():
+        raise FileNotFoundError(f"folder {file.parent} does not exist (where {file.name} would go)")
+    results = load_results(file)
     results[task] = entry
-    fd, tmp = tempfile.mkstemp(dir=checkpoint_dir, prefix=f".{RESULTS_FILE}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(results, handle, indent=2, sort_keys=True)
             handle.write("\n")
-        os.replace(tmp, checkpoint_dir / RESULTS_FILE)
+        os.replace(tmp, file)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return checkpoint_dir / RESULTS_FILE
+    return file
 
 
 def format_table(results: dict) -> str:
