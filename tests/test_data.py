@@ -201,22 +201,21 @@ def test_missing_sources_and_columns_are_named_in_the_error(corpora, tmp_path):
         ImageTextSource.from_spec("shards/*.tar@0")
 
 
-def _two_text_sources(root, rows=120):
-    import datasets
-
-    image = {"bytes": _encode(random_image(8)), "path": None}
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+def _two_sources(root, rows=120):
+    """Two webdataset corpora whose captions say where they come from ("a 0", ..., "b 0", ...)."""
+    image = _encode(random_image(8))
     for name in ("a", "b"):
         (root / name).mkdir()
-        datasets.Dataset.from_dict(
-            {"image": [image] * rows, "text": [f"{name} {i}" for i in range(rows)]}, features=features
-        ).to_parquet(str(root / name / "data.parquet"))
+        with tarfile.open(root / name / "000.tar", "w") as tar:
+            for i in range(rows):
+                _add(tar, f"{i:04d}.jpg", image)
+                _add(tar, f"{i:04d}.txt", f"{name} {i}".encode())
     return root / "a", root / "b"
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
 def test_weighted_mixing_follows_the_weights_and_is_reproducible(tmp_path, streaming):
-    a, b = _two_text_sources(tmp_path)
+    a, b = _two_sources(tmp_path)
     specs = [f"{a}@3", f"{b}@1"]
 
     def origins(seed):
@@ -309,21 +308,6 @@ def test_train_transforms_augment_per_recipe_and_follow_the_seed():
     assert eval_steps[:2] == ["Resize", "CenterCrop"]
 
 
-def test_image_transform_reads_size_and_statistics_from_an_image_processor():
-    from transformers import CLIPImageProcessor
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 40},
-        crop_size={"height": 40, "width": 40},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    transform = image_transform_from_processor(image_processor, "blip2", train=False)
-    pixel_values = transform(Image.new("RGB", (60, 50), (255, 255, 255)))
-    assert pixel_values.shape == (3, 40, 40)
-    torch.testing.assert_close(pixel_values, torch.ones_like(pixel_values))
-
-
 # ---- collators -------------------------------------------------------------------------------
 
 
@@ -366,7 +350,7 @@ def test_coca_collator_tokenizes_captions_to_fixed_length_input_ids(t5_tokenizer
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "return_loss"}
     assert batch["return_loss"] is True
     assert batch["pixel_values"].shape == (2, 3, 8, 8)
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 77)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 76)  # + CLS = 77 positions
     assert batch["input_ids"].dtype == torch.long
     lengths = batch["attention_mask"].sum(1)
     assert lengths[0] > lengths[1]
@@ -492,7 +476,7 @@ def test_skips_in_dataloader_workers_are_counted_and_batches_stay_full(
     )
     batches = list(loader)
     assert all(batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) for batch in batches)
-    assert all(batch["input_ids"].shape == (2, 77) for batch in batches)
+    assert all(batch["input_ids"].shape == (2, 76) for batch in batches)
     # streaming: shard 0 has 7 usable samples (3 full batches), shard 1 has 3 (1 full batch);
     # map-style: every index yields a sample (bad ones replaced), 14 = 7 full batches.
     assert sum(len(b["input_ids"]) for b in batches) == (8 if streaming else GOOD + CORRUPT + EMPTY)
@@ -538,3 +522,119 @@ def test_a_dataset_of_only_bad_samples_fails_with_a_clear_error(tmp_path):
     )
     with pytest.raises(RuntimeError, match="dataset looks broken"):
         prepared[0]
+
+
+# ---- the stock Trainer -----------------------------------------------------------------------
+
+
+class _TinyContrastiveModel(torch.nn.Module):
+    """Image/text embeddings and a CLIP-style loss: enough to train on the collated batches."""
+
+    def __init__(self, vocab_size: int, image_size: int = IMAGE_SIZE):
+        super().__init__()
+        self.image_proj = torch.nn.Linear(3 * image_size * image_size, 16)
+        self.token_embedding = torch.nn.Embedding(vocab_size, 16)
+
+    def forward(self, pixel_values, input_ids, attention_mask, return_loss=False):
+        image_embeds = torch.nn.functional.normalize(self.image_proj(pixel_values.flatten(1)), dim=-1)
+        mask = attention_mask.unsqueeze(-1).float()
+        text_embeds = (self.token_embedding(input_ids) * mask).sum(1) / mask.sum(1)
+        logits_per_image = 10 * image_embeds @ torch.nn.functional.normalize(text_embeds, dim=-1).T
+        labels = torch.arange(len(logits_per_image))
+        loss = torch.nn.functional.cross_entropy(logits_per_image, labels) if return_loss else None
+        return {"loss": loss, "logits_per_image": logits_per_image}
+
+
+def test_trainer_logs_skip_counts_at_every_logging_step_and_at_the_end(
+    corpora, t5_tokenizer, tmp_path, caplog
+):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_vlm.data import SkippedSamplesCallback
+
+    class ReportingIntegration(TrainerCallback):  # stands in for TensorBoard / W&B (report_to)
+        seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    counter = SkipCounter()
+    data = build_training_data(
+        "coca",
+        str(corpora["webdataset"]),
+        counter=counter,
+        image_transform=_identity_transform(),
+        tokenizer=t5_tokenizer,
+        max_length=16,
+        cache_dir=tmp_path / "cache",
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=7,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        dataloader_num_workers=2,
+        dataloader_drop_last=True,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=_TinyContrastiveModel(len(t5_tokenizer)),
+        args=args,
+        train_dataset=data.dataset,
+        data_collator=data.collator,
+        callbacks=[ReportingIntegration()],
+    )
+    SkippedSamplesCallback.attach(trainer, counter)  # first, so the integrations see the counts
+    with caplog.at_level(logging.WARNING, logger="hf_vlm.data.skips"):
+        trainer.train()
+
+    step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(step_logs) == 7
+    assert all("skipped/corrupt_image" in entry and "skipped/empty_caption" in entry for entry in step_logs)
+    counts = [entry["skipped/corrupt_image"] + entry["skipped/empty_caption"] for entry in step_logs]
+    assert counts == sorted(counts)  # running totals
+    # 7 steps x 2 = one epoch of the 14 indices: every bad sample drawn once, counted once
+    final = trainer.state.log_history[-1]
+    assert "train_loss" in final
+    assert (final["skipped/corrupt_image"], final["skipped/empty_caption"]) == (CORRUPT, EMPTY)
+    assert ReportingIntegration.seen[-1]["skipped/corrupt_image"] == CORRUPT
+    assert any("training skipped 4 bad samples" in r.getMessage() for r in caplog.records)
+
+
+def test_the_models_processors_drive_the_transforms_and_collators(t5_tokenizer, bert_tokenizer):
+    """Blip2FlanT5Processor / CocaProcessor as the trainers pass them: image size and mean/std come from
+    the image processor, text from its tokenizer (the Q-Former's BERT one for stage 1)."""
+    from transformers import CLIPImageProcessor
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+    from hf_vlm.modeling.coca import CocaProcessor
+
+    blip2 = Blip2FlanT5Processor.from_tokenizers(t5_tokenizer, bert_tokenizer, image_size=40)
+    coca = CocaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 24},
+            crop_size={"height": 24, "width": 24},
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        ),
+        tokenizer=t5_tokenizer,
+    )
+    white = Image.new("RGB", (60, 50), (255, 255, 255))
+    blip2_pixels = image_transform_from_processor(blip2, "blip2", train=False)(white)
+    assert blip2_pixels.shape == (3, 40, 40)
+    expected = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    torch.testing.assert_close(blip2_pixels[:, 0, 0], expected, atol=1e-4, rtol=0)
+    coca_pixels = image_transform_from_processor(coca, "coca", train=True)(white)
+    assert coca_pixels.shape == (3, 24, 24)
+
+    samples = _prepared(["a red circle", "a blue square"])
+    stage1 = ImageTextCollator.for_recipe("blip2-stage1", blip2)(samples)
+    assert (stage1["input_ids"][:, 0] == bert_tokenizer.cls_token_id).all()
+    stage2 = ImageTextCollator.for_recipe("blip2-stage2", blip2)(samples)
+    assert stage2["labels"].max() < len(t5_tokenizer)
+    assert ImageTextCollator.for_recipe("coca", coca, max_length=32)(samples)["input_ids"].shape == (2, 32)

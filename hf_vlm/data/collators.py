@@ -41,14 +41,14 @@ class DataRecipe:
     return_loss: bool = False  # contrastive models compute their loss only with return_loss=True
 
 
-# LAVIS's BLIP-2 uses max_txt_len 32 for the Q-Former text and the T5 input/output; open_clip's
-# CoCa pads every caption to its 77-token context.
+# LAVIS's BLIP-2 uses max_txt_len 32 for the Q-Former text and the T5 input/output. CoCa's context is
+# 77 positions: open_clip pads every caption to 76 tokens and the model appends its CLS as the 77th.
 DATA_RECIPES = {
     "coca": DataRecipe(
         augmentation="coca",
         task="caption",
         text_role="input_ids",
-        max_length=77,
+        max_length=76,
         padding="max_length",
         return_loss=True,
     ),
