@@ -314,10 +314,28 @@ def scenes_iterable_dataset(split: str = "train", num_samples: int = 1000, *, se
 
 
 def vqa_rows(rows: Iterable[dict]) -> Iterator[dict]:
-    """One row per question (image, question, answer, question_type): the VQA fine-tuning layout."""
+    """One row per question: image, question, answers (a one-element list, VQAv2's layout), question_type,
+    seed. The layout VQA fine-tuning and `hf_vlm.data` (task "vqa") read."""
     for row in rows:
         for question, answer, kind in zip(row["questions"], row["answers"], row["question_types"]):
-            yield {"image": row["image"], "question": question, "answer": answer, "question_type": kind}
+            yield {"image": row["image"], "question": question, "answers": [answer], "question_type": kind,
+                   "seed": row["seed"]}
+
+
+def scenes_vqa_dataset(split: str = "train", num_samples: int = 1000, *, seed: int = 0,
+                       config: SceneConfig | None = None):
+    """An in-memory `datasets.Dataset` with one row per question of `num_samples` scenes."""
+    import datasets
+
+    config = config or SceneConfig()
+    rows = [{**row, "image": {"bytes": _image_bytes(row["image"], "png"), "path": None}}
+            for row in vqa_rows(generate_scenes(split, num_samples, seed=seed, config=config))]
+    features = datasets.Features({
+        "image": datasets.Image(), "question": datasets.Value("string"),
+        "answers": datasets.List(datasets.Value("string")), "question_type": datasets.Value("string"),
+        "seed": datasets.Value("int64"),
+    })
+    return datasets.Dataset.from_list(rows, features=features, split=split)
 
 
 def zero_shot_prompts(config: SceneConfig | None = None) -> list[str]:
@@ -336,10 +354,11 @@ def _image_bytes(image, image_format: str) -> bytes:
 
 
 def _metadata(row: dict) -> dict:
-    """The JSON facts of a row: everything but the image, with the QA as a list of pairs."""
+    """The JSON facts of a row: everything but the image (a scene row's QA also as a list of pairs)."""
     meta = {key: value for key, value in row.items() if key != "image"}
-    meta["qa"] = [{"question": q, "answer": a, "question_type": t}
-                  for q, a, t in zip(row["questions"], row["answers"], row["question_types"])]
+    if "questions" in row:
+        meta["qa"] = [{"question": q, "answer": a, "question_type": t}
+                      for q, a, t in zip(row["questions"], row["answers"], row["question_types"])]
     return meta
 
 
@@ -351,8 +370,9 @@ def _check_format(image_format: str) -> None:
 def export_webdataset(rows: Iterable[dict], output_dir: str | Path, *, samples_per_shard: int = 1000,
                       image_format: str = "png", prefix: str = "scenes") -> list[Path]:
     """Write rows as webdataset tar shards `{prefix}-000000.tar`, ...: per sample `KEY.png` (or .jpg),
-    `KEY.txt` (the caption) and `KEY.json` (caption, qa, label, objects). Each shard is written to a
-    temporary name and renamed when complete. Returns the shard paths."""
+    `KEY.txt` (the caption, when the rows have one) and `KEY.json` (every other field: caption, qa,
+    label, objects; or question, answers for `vqa_rows`). Each shard is written to a temporary name
+    and renamed when complete. Returns the shard paths."""
     _check_format(image_format)
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -379,7 +399,8 @@ def export_webdataset(rows: Iterable[dict], output_dir: str | Path, *, samples_p
             tar = tarfile.open(shards[-1].with_suffix(".tar.tmp"), "w")
         key = f"{index:09d}"
         add(f"{key}.{image_format}", _image_bytes(row["image"], image_format))
-        add(f"{key}.txt", row["caption"].encode())
+        if "caption" in row:
+            add(f"{key}.txt", row["caption"].encode())
         add(f"{key}.json", json.dumps(_metadata(row)).encode())
     if tar is not None:
         close()
@@ -398,9 +419,36 @@ def export_imagefolder(rows: Iterable[dict], output_dir: str | Path, *, image_fo
         file_name = f"{index:09d}.{image_format}"
         (output_dir / file_name).write_bytes(_image_bytes(row["image"], image_format))
         meta = _metadata(row)
-        del meta["qa"]  # the parallel lists already hold it, as columns
+        meta.pop("qa", None)  # the parallel lists already hold it, as columns
         lines.append(json.dumps({"file_name": file_name, **meta}))
     tmp = output_dir / "metadata.jsonl.tmp"
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, output_dir / "metadata.jsonl")
     return output_dir / "metadata.jsonl"
+
+
+def export_scenes(output_dir: str | Path, num_samples: dict[str, int], *, layout: str = "caption",
+                  format: str = "webdataset", seed: int = 0, config: SceneConfig | None = None,
+                  samples_per_shard: int = 1000) -> dict[str, Path]:
+    """Write each split of `num_samples` ({"train": 5000, "test": 200, ...}) to `output_dir/SPLIT/`, as
+    webdataset shards or an imagefolder; `layout` "caption" gives one row per scene, "vqa" one row per
+    question. Returns {split: folder}. Shows a progress bar per split."""
+    from tqdm.auto import tqdm
+
+    if layout not in ("caption", "vqa"):
+        raise ValueError(f"layout must be 'caption' or 'vqa', got {layout!r}")
+    if format not in ("webdataset", "imagefolder"):
+        raise ValueError(f"format must be 'webdataset' or 'imagefolder', got {format!r}")
+    folders = {}
+    for split, count in num_samples.items():
+        rows = tqdm(generate_scenes(split, count, seed=seed, config=config), total=count,
+                    desc=f"scenes:{split} -> {format}", unit="img")
+        if layout == "vqa":
+            rows = vqa_rows(rows)
+        folder = Path(output_dir) / split
+        if format == "webdataset":
+            export_webdataset(rows, folder, samples_per_shard=samples_per_shard)
+        else:
+            export_imagefolder(rows, folder)
+        folders[split] = folder
+    return folders

@@ -17,6 +17,7 @@ from hf_vlm.scenes import (
     SPLITS,
     SceneConfig,
     export_imagefolder,
+    export_scenes,
     export_webdataset,
     generate_scenes,
     sample_scene,
@@ -224,7 +225,9 @@ def test_datasets_expose_the_same_rows_with_class_labels_and_prompts():
     assert [r["caption"] for r in streamed] == dataset["caption"]
     flat = list(vqa_rows(rows))
     assert len(flat) == sum(len(r["questions"]) for r in rows)
-    assert set(flat[0]) == {"image", "question", "answer", "question_type"}
+    assert set(flat[0]) == {"image", "question", "answers", "question_type", "seed"}
+    assert [(r["question"], r["answers"]) for r in flat[:len(rows[0]["questions"])]] == [
+        (q, [a]) for q, a in zip(rows[0]["questions"], rows[0]["answers"])]
     # Every zero-shot prompt is itself a caption the models are trained on (a one-object scene).
     captions = {r["caption"] for r in generate_scenes("train", 400)}
     assert set(zero_shot_prompts()) <= captions
@@ -272,3 +275,19 @@ def test_imagefolder_reads_back_with_datasets(tmp_path):
     assert loaded["answers"] == [r["answers"] for r in rows]
     with pytest.raises(ValueError, match="image_format"):
         export_imagefolder(rows, tmp_path / "bad", image_format="gif")
+
+
+def test_the_training_data_pipeline_reads_the_exports_like_any_corpus(tmp_path):
+    from hf_vlm.data import load_source
+
+    folders = export_scenes(tmp_path / "caption", {"train": 5}, format="webdataset")
+    captions = load_source(str(folders["train"]), task="caption")
+    assert captions["text"] == [r["caption"] for r in generate_scenes("train", 5)]
+
+    folders = export_scenes(tmp_path / "vqa", {"test": 3}, layout="vqa", format="imagefolder")
+    questions = load_source(str(folders["test"]), task="vqa")
+    expected = list(vqa_rows(generate_scenes("test", 3)))
+    assert questions["question"] == [r["question"] for r in expected]
+    assert questions["answers"] == [r["answers"] for r in expected]
+    with pytest.raises(ValueError, match="layout must be"):
+        export_scenes(tmp_path / "x", {"test": 1}, layout="detection")
