@@ -37,12 +37,15 @@ class SkipCounter:
 
     Create it in the main process *before* any DataLoader worker starts: workers inherit the shared
     memory (fork) or receive it while being spawned, and their increments land in the same integers.
+    Its locks are made in a "spawn" context, so it works with every start method (fork, spawn,
+    forkserver: TrainingArguments.dataloader_multiprocessing_context); a fork-context lock could not be
+    handed to a spawned worker.
     The first `max_warnings` skips (over all processes) are logged at warning level with the sample's
     file/key, so the bad files can be found; later ones are only counted.
     """
 
     def __init__(self, max_warnings: int = 10):
-        context = multiprocessing.get_context()
+        context = multiprocessing.get_context("spawn")
         self._counts = {reason: context.Value("q", 0) for reason in SKIP_REASONS}
         self._warned = context.Value("q", 0)
         self.max_warnings = max_warnings
