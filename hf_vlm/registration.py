@@ -35,6 +35,17 @@ FAMILIES: list[Family] = [
         },
         processor_class="Blip2FlanT5Processor",
     ),
+    Family(
+        model_type="coca",
+        module="hf_vlm.modeling.coca",
+        config_class="CocaConfig",
+        models={
+            "AutoModel": "CocaModel",
+            "AutoModelForZeroShotImageClassification": "CocaModel",
+            "AutoModelForImageTextToText": "CocaModel",
+        },
+        processor_class="CocaProcessor",
+    ),
 ]
 
 _registered: set[str] = set()

@@ -1,0 +1,584 @@
+"""CoCa (Contrastive Captioner, Yu et al. 2022) as a transformers model: `CocaModel`.
+
+Read top to bottom: attention (SDPA, with KV cache), the text layer (shared by the text encoder and the
+decoder's self-attention blocks), the cross-attention layer, the attentional pooler, the three towers, then
+`CocaPreTrainedModel` (init, checkpointing) and `CocaModel` (features, losses, generation).
+
+Data flow: pixel_values -> timm ViT trunk -> attentional pooler -> post LayerNorm -> (contrastive image
+embedding, image tokens). input_ids -> text encoder (causal, CLS appended after the text) -> CLS gives the
+contrastive text embedding; the token states (before the final LayerNorm) go on into the multimodal decoder,
+which cross-attends to the image tokens and predicts the next token.
+
+Module layout, chosen to map one-to-one onto open_clip's `CoCa` (a converter renames keys and splits
+open_clip's fused `in_proj_weight`/`in_proj_bias` into our separate q/k/v projections; `proj`,
+`text_projection` and the decoder's `text_projection` are transposed into Linear weights):
+  vision_model.trunk.*                       <- visual.{conv1, class_embedding, ...} via timm's CLIP filter
+  vision_model.attn_pool.{query, layernorm_query, layernorm_context, attention.*} <- visual.attn_pool.*
+  vision_model.post_layernorm                <- visual.ln_post;       visual_projection <- visual.proj
+  text_model.{token_embedding, position_embedding, cls_embedding, layers.N, final_layer_norm}
+                                             <- text.{token_embedding, positional_embedding, cls_emb,
+                                                transformer.resblocks.N, ln_final}
+  text_projection                            <- text.text_projection
+  text_decoder.layers.N.self_attn_block      <- text_decoder.resblocks.N
+  text_decoder.layers.N.cross_attn_block     <- text_decoder.cross_attn.N (ln_1, ln_1_kv, attn, ln_2, mlp)
+  text_decoder.final_layer_norm, lm_head     <- text_decoder.ln_final, text_decoder.text_projection
+  logit_scale                                <- logit_scale
+Text layers: layer_norm1 <- ln_1, self_attn.{q,k,v}_proj <- attn.in_proj (split), self_attn.out_proj
+<- attn.out_proj, layer_norm2 <- ln_2, mlp.fc1 <- mlp.c_fc, mlp.fc2 <- mlp.c_proj.
+
+Embedding convention (transformers CLIP v5): `get_image_features` / `get_text_features` return the projected,
+NOT normalized, embedding in `pooler_output`; `forward` returns L2-normalized `image_embeds` / `text_embeds`.
+
+Hub-portable: imports only torch, transformers, timm and its sibling configuration file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .configuration_coca import CocaConfig, CocaMultimodalConfig, CocaTextConfig, CocaVisionConfig
+
+
+@dataclass
+class CocaOutput(ModelOutput):
+    r"""
+    loss: `contrastive_loss_weight * contrastive_loss + caption_loss_weight * caption_loss` (when asked for).
+    contrastive_loss: symmetric InfoNCE over the batch gathered from all ranks.
+    caption_loss: next-token cross-entropy, padding ignored.
+    logits_per_image: `[n_images, n_texts]` scaled cosine similarities (local batch).
+    logits_per_text: its transpose.
+    image_embeds / text_embeds: L2-normalized projected embeddings.
+    logits: `[batch, seq, vocab]` caption logits (position t predicts token t+1); computed when images and
+        texts pair up (same batch size).
+    past_key_values: the generation cache (`EncoderDecoderCache`: self-attention of both text stacks, image K/V).
+    """
+
+    loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    caption_loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+
+
+# ----------------------------------------------------------------------------------------------------- attention
+def _linear(in_features: int, out_features: int, init_std: float | None = None, bias: bool = True) -> nn.Linear:
+    """nn.Linear that carries its init std (read by `_init_weights`; None = `config.initializer_range`).
+    Stored on the Linear itself because transformers initializes module by module."""
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    layer.init_std = init_std
+    return layer
+
+
+def _text_stack_stds(width: int, num_layers: int) -> dict[str, float]:
+    """open_clip's text-transformer init (which its CoCa applied to the text encoder only)."""
+    proj = width**-0.5 * (2 * num_layers) ** -0.5
+    return {"attn": width**-0.5, "attn_out": proj, "fc1": (2 * width) ** -0.5, "fc2": proj}
+
+
+class CocaAttention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (`kv_dim` may differ, as in the pooler).
+
+    Self-attention layers append their K/V to the self-attention cache under `layer_idx`; cross-attention
+    layers compute the image K/V once and read them back from the cross-attention cache afterwards.
+    """
+
+    def __init__(self, config, embed_dim: int, num_heads: int, kv_dim: int | None = None, layer_idx: int | None = None,
+                 is_cross_attention: bool = False, init_stds: dict[str, float] | None = None):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = getattr(config, "attention_dropout", 0.0)
+        self.layer_idx = layer_idx
+        self.is_cross_attention = is_cross_attention
+        kv_dim = kv_dim or embed_dim
+        stds = init_stds or {}
+        self.q_proj = _linear(embed_dim, embed_dim, stds.get("attn"))
+        self.k_proj = _linear(kv_dim, embed_dim, stds.get("attn"))
+        self.v_proj = _linear(kv_dim, embed_dim, stds.get("attn"))
+        self.out_proj = _linear(embed_dim, embed_dim, stds.get("attn_out"))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        query = self._heads(self.q_proj(hidden_states))
+        if self.is_cross_attention:
+            cache = past_key_values.cross_attention_cache if past_key_values is not None else None
+            if cache is not None and past_key_values.is_updated.get(self.layer_idx, False):
+                key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+            else:
+                if key_value_states is None:
+                    raise ValueError("cross-attention needs image tokens (pixel_values) or a filled cache")
+                key = self._heads(self.k_proj(key_value_states))
+                value = self._heads(self.v_proj(key_value_states))
+                if cache is not None:
+                    key, value = cache.update(key, value, self.layer_idx)
+                    past_key_values.is_updated[self.layer_idx] = True
+        else:
+            source = hidden_states if key_value_states is None else key_value_states
+            key = self._heads(self.k_proj(source))
+            value = self._heads(self.v_proj(source))
+            if past_key_values is not None:
+                cache = (past_key_values.self_attention_cache
+                         if isinstance(past_key_values, EncoderDecoderCache) else past_key_values)
+                key, value = cache.update(key, value, self.layer_idx)
+
+        dropout = self.dropout if self.training else 0.0
+        if self.config._attn_implementation == "eager":
+            scores = query @ key.transpose(-1, -2) * self.head_dim**-0.5
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(query.dtype), dropout, self.training)
+            out = probs @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
+        return self.out_proj(out)
+
+
+class CocaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, init_stds: dict[str, float]):
+        super().__init__()
+        self.fc1 = _linear(hidden_size, intermediate_size, init_stds["fc1"])
+        self.activation_fn = ACT2FN[hidden_act]
+        self.fc2 = _linear(intermediate_size, hidden_size, init_stds["fc2"])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+# -------------------------------------------------------------------------------------------------------- layers
+class CocaTextLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm causal self-attention block (open_clip `ResidualAttentionBlock`)."""
+
+    def __init__(self, config: CocaTextConfig | CocaMultimodalConfig, layer_idx: int):
+        super().__init__()
+        stds = _text_stack_stds(config.hidden_size, config.num_hidden_layers)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = CocaAttention(
+            config, config.hidden_size, config.num_attention_heads, layer_idx=layer_idx, init_stds=stds
+        )
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CocaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, stds)
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None):
+        hidden_states = hidden_states + self.self_attn(
+            self.layer_norm1(hidden_states), attention_mask=attention_mask, past_key_values=past_key_values
+        )
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class CocaCrossAttentionLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm cross-attention block with its own MLP; the image tokens get their own LayerNorm
+    (open_clip `ResidualAttentionBlock(is_cross_attention=True)`: ln_1, ln_1_kv, attn, ln_2, mlp)."""
+
+    def __init__(self, config: CocaMultimodalConfig, layer_idx: int):
+        super().__init__()
+        stds = _text_stack_stds(config.hidden_size, config.num_hidden_layers)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm_kv = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attn = CocaAttention(
+            config, config.hidden_size, config.num_attention_heads, layer_idx=layer_idx, is_cross_attention=True,
+            init_stds=stds,
+        )
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CocaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, stds)
+
+    def forward(self, hidden_states, image_tokens=None, past_key_values=None):
+        image_tokens = self.layer_norm_kv(image_tokens) if image_tokens is not None else None
+        hidden_states = hidden_states + self.cross_attn(
+            self.layer_norm1(hidden_states), key_value_states=image_tokens, past_key_values=past_key_values
+        )
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class CocaDecoderLayer(nn.Module):
+    def __init__(self, config: CocaMultimodalConfig, self_attn_layer_idx: int, cross_attn_layer_idx: int):
+        super().__init__()
+        self.self_attn_block = CocaTextLayer(config, self_attn_layer_idx)
+        self.cross_attn_block = CocaCrossAttentionLayer(config, cross_attn_layer_idx)
+
+    def forward(self, hidden_states, image_tokens=None, attention_mask=None, past_key_values=None):
+        hidden_states = self.self_attn_block(hidden_states, attention_mask=attention_mask,
+                                             past_key_values=past_key_values)
+        return self.cross_attn_block(hidden_states, image_tokens=image_tokens, past_key_values=past_key_values)
+
+
+# --------------------------------------------------------------------------------------------------------- towers
+class CocaAttentionalPooler(nn.Module):
+    """Learned queries cross-attend to the trunk's tokens (open_clip `AttentionalPooler`: ln_q on the
+    queries, ln_k on the tokens, no residual)."""
+
+    def __init__(self, config: CocaVisionConfig, hidden_size: int, context_size: int, num_queries: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.empty(num_queries, hidden_size))
+        self.layernorm_query = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_context = nn.LayerNorm(context_size, eps=config.layer_norm_eps)
+        self.attention = CocaAttention(config, hidden_size, config.pooler_num_attention_heads, kv_dim=context_size)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        queries = self.layernorm_query(self.query).unsqueeze(0).expand(context.shape[0], -1, -1)
+        return self.attention(queries, key_value_states=self.layernorm_context(context))
+
+
+class CocaVisionModel(nn.Module):
+    """timm trunk -> attentional pooler(s) -> post LayerNorm. Returns (pooled, image_tokens), both
+    `[batch, (n,) multimodal hidden]`; `pooled` is the un-projected contrastive embedding."""
+
+    def __init__(self, config: CocaVisionConfig, hidden_size: int):
+        super().__init__()
+        import timm  # heavy; only needed to build the trunk
+
+        self.config = config
+        self.trunk = timm.create_model(
+            config.timm_model_name, pretrained=False, num_classes=0, global_pool="", img_size=config.image_size,
+            **config.timm_model_args,
+        )
+        width = self.trunk.num_features
+        self.attn_pool = CocaAttentionalPooler(config, hidden_size, width, config.num_pooler_queries)
+        self.contrastive_pool = (
+            CocaAttentionalPooler(config, hidden_size, width, 1) if config.separate_contrastive_query else None
+        )
+        self.post_layernorm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trunk_tokens = self.trunk.forward_features(pixel_values)
+        pooled_queries = self.post_layernorm(self.attn_pool(trunk_tokens))
+        if self.contrastive_pool is None:
+            return pooled_queries[:, 0], pooled_queries[:, 1:]
+        return self.post_layernorm(self.contrastive_pool(trunk_tokens))[:, 0], pooled_queries
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [B, Q, K] (True = may attend) -> additive float mask [B, 1, Q, K]."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def _causal_key_mask(key_valid: torch.Tensor, query_length: int) -> torch.Tensor:
+    """bool [B, Q, K]: query i (the last Q of K positions) sees keys j <= its own position that are valid."""
+    key_length = key_valid.shape[1]
+    query_pos = torch.arange(key_length - query_length, key_length, device=key_valid.device)
+    causal = torch.arange(key_length, device=key_valid.device)[None, :] <= query_pos[:, None]
+    return causal[None] & key_valid[:, None, :]
+
+
+class CocaTextModel(nn.Module):
+    """Unimodal causal text encoder. With `append_cls`, a learned CLS embedding takes the last position
+    (`max_position_embeddings - 1`, where open_clip's CLS sits after its 76-token texts), so the text
+    embedding does not depend on how much padding a batch has; its final-LayerNormed state is the pooled
+    output. Under `legacy_cls_mask` the text is first padded to 76 tokens as open_clip always did, because
+    that mask lets the CLS see the first padding position."""
+
+    def __init__(self, config: CocaTextConfig, legacy_cls_mask: bool, legacy_pad_token_id: int):
+        super().__init__()
+        self.config = config
+        self.legacy_cls_mask = legacy_cls_mask
+        self.legacy_pad_token_id = legacy_pad_token_id
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.cls_embedding = nn.Parameter(torch.empty(config.hidden_size))
+        self.layers = nn.ModuleList([CocaTextLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids, key_valid, position_ids, past_key_values=None, append_cls=False):
+        """key_valid: bool [B, past + L] (False = padding). Returns (token states [B, L, D] before the final
+        LayerNorm, pooled CLS state or None)."""
+        batch, length = input_ids.shape
+        max_positions = self.config.max_position_embeddings
+        if append_cls:
+            if length >= max_positions:
+                raise ValueError(
+                    f"text of {length} tokens leaves no position for the CLS token "
+                    f"(text_config.max_position_embeddings={max_positions})"
+                )
+            if self.legacy_cls_mask:
+                # open_clip's layout: padding (embedded as its pad id 0) up to 76 tokens, then the CLS.
+                input_ids = input_ids.masked_fill(~key_valid, self.legacy_pad_token_id)
+                extra = max_positions - 1 - length
+                input_ids = F.pad(input_ids, (0, extra), value=self.legacy_pad_token_id)
+                key_valid = F.pad(key_valid, (0, extra), value=False)
+                position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1 + torch.arange(extra, device=position_ids.device)], dim=1)
+            position_ids = F.pad(position_ids, (0, 1), value=max_positions - 1)
+            cls_valid = key_valid.new_ones(batch, 1)
+            # the released weights were trained with the padding mask shifted one key to the right
+            key_valid = torch.cat([cls_valid, key_valid] if self.legacy_cls_mask else [key_valid, cls_valid], dim=1)
+        elif int(position_ids.max()) >= max_positions:
+            raise ValueError(f"text longer than text_config.max_position_embeddings={max_positions}")
+        hidden_states = self.token_embedding(input_ids)
+        if append_cls:
+            cls = self.cls_embedding.to(hidden_states.dtype).expand(batch, 1, -1)
+            hidden_states = torch.cat([hidden_states, cls], dim=1)
+        hidden_states = hidden_states + self.position_embedding(position_ids)
+        mask = _additive_mask(_causal_key_mask(key_valid, hidden_states.shape[1]), hidden_states.dtype)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask=mask, past_key_values=past_key_values)
+        if not append_cls:
+            return hidden_states, None
+        return hidden_states[:, :length], self.final_layer_norm(hidden_states[:, -1])
+
+
+class CocaMultimodalDecoder(nn.Module):
+    """Continues the text encoder's token states: causal self-attention + cross-attention to image tokens.
+    Its self-attention cache entries follow the text encoder's (layer ids offset by `cache_offset`)."""
+
+    def __init__(self, config: CocaMultimodalConfig, cache_offset: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [CocaDecoderLayer(config, cache_offset + i, i) for i in range(config.num_hidden_layers)]
+        )
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states, image_tokens, key_valid, past_key_values=None):
+        mask = _additive_mask(_causal_key_mask(key_valid, hidden_states.shape[1]), hidden_states.dtype)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, image_tokens=image_tokens, attention_mask=mask,
+                                  past_key_values=past_key_values)
+        return self.final_layer_norm(hidden_states)
+
+
+# ----------------------------------------------------------------------------------------------- pretrained base
+class CocaPreTrainedModel(PreTrainedModel):
+    config_class = CocaConfig
+    config: CocaConfig
+    base_model_prefix = "coca"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # timm's ViT block is called `Block`; the pooler stays whole (its queries attend all trunk tokens).
+    _no_split_modules = ["CocaTextLayer", "CocaCrossAttentionLayer", "CocaAttentionalPooler", "Block"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Every parameter is covered, the vocabulary projection included: open_clip's scheme for both text
+        stacks (stds carried by each Linear, see `_linear`), timm's ViT scheme for the trunk, LayerNorms 1/0.
+        transformers calls this once per module that owns parameters directly."""
+        super()._init_weights(module)  # Linear/Conv: normal(initializer_range), LayerNorm: 1/0, Embedding
+        if isinstance(module, nn.Linear) and getattr(module, "init_std", None) is not None:
+            init.normal_(module.weight, std=module.init_std)
+        elif isinstance(module, CocaTextModel):
+            init.normal_(module.token_embedding.weight, std=0.02)
+            init.normal_(module.position_embedding.weight, std=0.01)
+            init.normal_(module.cls_embedding, std=0.01)
+        elif isinstance(module, CocaAttentionalPooler):
+            init.normal_(module.query, std=module.query.shape[-1] ** -0.5)
+        elif hasattr(self, "vision_model") and module is self.vision_model.trunk:
+            # the trunk's own parameters (class token, position embedding), as timm initializes them
+            for name, param in module.named_parameters(recurse=False):
+                init.normal_(param, std=1e-6 if "token" in name else 0.02)
+        elif isinstance(module, CocaModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        if hasattr(self, "vision_model"):
+            self.vision_model.trunk.set_grad_checkpointing(enable)
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+class CocaModel(CocaPreTrainedModel, GenerationMixin):
+    """CoCa: zero-shot classification / retrieval (contrastive embeddings) and captioning (`generate`)."""
+
+    def __init__(self, config: CocaConfig):
+        super().__init__(config)
+        text_config, multimodal_config = config.text_config, config.multimodal_config
+        self.vision_model = CocaVisionModel(config.vision_config, multimodal_config.hidden_size)
+        self.visual_projection = _linear(
+            multimodal_config.hidden_size, config.projection_dim, multimodal_config.hidden_size**-0.5, bias=False
+        )
+        self.text_model = CocaTextModel(text_config, config.legacy_cls_mask, config.legacy_pad_token_id)
+        self.text_projection = _linear(
+            text_config.hidden_size, config.projection_dim, text_config.hidden_size**-0.5, bias=False
+        )
+        self.text_decoder = CocaMultimodalDecoder(multimodal_config, cache_offset=text_config.num_hidden_layers)
+        self.lm_head = _linear(
+            multimodal_config.hidden_size, text_config.vocab_size, multimodal_config.hidden_size**-0.5, bias=False
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.text_model.token_embedding
+
+    def set_input_embeddings(self, value):
+        self.text_model.token_embedding = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    # ----------------------------------------------------------------------------------------- features
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """`pooler_output`: projected (not normalized) image embedding; `last_hidden_state`: the image tokens
+        the decoder cross-attends to."""
+        pooled, image_tokens = self.vision_model(pixel_values.to(self.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=image_tokens, pooler_output=self.visual_projection(pooled))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          **kwargs) -> BaseModelOutputWithPooling:
+        """`pooler_output`: projected (not normalized) text embedding from the CLS token; `last_hidden_state`:
+        the token states (before the final LayerNorm) the decoder continues."""
+        key_valid, position_ids = self._text_positions(input_ids, attention_mask, past_length=0)
+        token_states, pooled = self.text_model(input_ids, key_valid, position_ids, append_cls=True)
+        return BaseModelOutputWithPooling(last_hidden_state=token_states, pooler_output=self.text_projection(pooled))
+
+    @staticmethod
+    def _text_positions(input_ids, attention_mask, past_length: int):
+        """Key validity [B, past+L] and position ids [B, L]. Positions count from the first real token, so a
+        left-padded prompt (batched generation) gets the same positions as an unpadded one; right padding (the
+        training layout) keeps open_clip's positions 0..L-1."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (batch, past_length + length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past_length + length)} "
+                f"(batch, cached + new tokens)"
+            )
+        key_valid = attention_mask.bool()
+        left_padding = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)
+        positions = torch.arange(past_length, past_length + length, device=input_ids.device)[None] - left_padding
+        return key_valid, positions.clamp(min=0)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CocaOutput | tuple:
+        r"""
+        input_ids: `[batch, seq]` starting with the start-of-text token (right padding; left padding only for
+            generation prompts). attention_mask: 1 for tokens, 0 for padding.
+        labels: caption targets in the input layout (shifted here: position t predicts labels[t+1]); -100 is
+            ignored. Defaults to `input_ids` with padding ignored when a loss is asked for.
+        return_loss: compute `loss` (also implied by `labels`).
+        past_key_values / use_cache: generation cache. With a cache only caption `logits` are computed (the
+            CLS token, appended after the text, has no place in incremental decoding).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        want_loss = bool(return_loss) or labels is not None
+        if input_ids is None and pixel_values is None:
+            raise ValueError("CocaModel.forward needs input_ids, pixel_values or both")
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        incremental = past_key_values is not None
+
+        image_embeds = image_tokens = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            image_embeds, image_tokens = image_features.pooler_output, image_features.last_hidden_state
+
+        text_embeds = logits = None
+        if input_ids is not None:
+            past_length = past_key_values.get_seq_length() if incremental else 0
+            key_valid, position_ids = self._text_positions(input_ids, attention_mask, past_length)
+            token_states, pooled = self.text_model(
+                input_ids, key_valid, position_ids, past_key_values=past_key_values, append_cls=not incremental
+            )
+            if pooled is not None:
+                text_embeds = self.text_projection(pooled)
+            cross_cached = incremental and past_key_values.is_updated.get(0, False)
+            pairs_up = image_tokens is not None and image_tokens.shape[0] == input_ids.shape[0]
+            if pairs_up or cross_cached:
+                decoded = self.text_decoder(token_states, image_tokens if pairs_up else None, key_valid,
+                                            past_key_values=past_key_values)
+                logits = self.lm_head(decoded)
+
+        if image_embeds is not None:
+            image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        if text_embeds is not None:
+            text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        logits_per_image = logits_per_text = None
+        if image_embeds is not None and text_embeds is not None:
+            logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+            logits_per_text = logits_per_image.t()
+
+        loss = contrastive_loss = caption_loss = None
+        if want_loss:
+            if logits is None or text_embeds is None:
+                raise ValueError(
+                    "a CoCa loss needs pixel_values and input_ids of the same batch size, without a cache "
+                    f"(got input_ids {None if input_ids is None else tuple(input_ids.shape)}, pixel_values "
+                    f"{None if pixel_values is None else tuple(pixel_values.shape)})"
+                )
+            contrastive_loss = _contrastive_loss(image_embeds, text_embeds, self.logit_scale.exp())
+            if labels is None:
+                labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+            caption_loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+            loss = (self.config.contrastive_loss_weight * contrastive_loss
+                    + self.config.caption_loss_weight * caption_loss)
+
+        output = CocaOutput(
+            loss=loss, contrastive_loss=contrastive_loss, caption_loss=caption_loss,
+            logits_per_image=logits_per_image, logits_per_text=logits_per_text,
+            image_embeds=image_embeds, text_embeds=text_embeds, logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # --------------------------------------------------------------------------------------- generation
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # The text passes two stacks and cross-attends to image tokens: a DynamicCache sized from one
+        # sub-config would not fit, so the default dynamic cache is ours (layers are created lazily).
+        if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+                and generation_config.cache_implementation in (None, "dynamic")):
+            model_kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+def _gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """All ranks' features, concatenated in rank order; gradients flow back to each rank's own slice, so
+    a world of W ranks x B samples gives the loss and gradients of one rank with W x B samples."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return features
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(features), dim=0)
+
+
+def _contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor):
+    """Symmetric InfoNCE over the global batch (open_clip `ClipLoss`, gather_with_grad, no local loss)."""
+    all_images, all_texts = _gather_with_grad(image_embeds), _gather_with_grad(text_embeds)
+    logits_per_image = logit_scale * all_images @ all_texts.t()
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image.float(), targets) + F.cross_entropy(logits_per_image.t().float(), targets)) / 2
+
+
+__all__ = ["CocaModel", "CocaOutput", "CocaPreTrainedModel"]

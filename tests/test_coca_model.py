@@ -1,0 +1,223 @@
+"""CoCa model on coca-tiny: outputs, losses, caption labels, cached generation, init, checkpointing."""
+
+import pytest
+import torch
+
+import hf_vlm  # noqa: F401  (registers the Auto classes)
+from hf_vlm.modeling.coca import CocaConfig, CocaModel
+from hf_vlm.presets import get_config
+
+BOS, EOS = 3, 1
+
+
+def tiny_model(**overrides) -> CocaModel:
+    torch.manual_seed(0)
+    return CocaModel(get_config("coca-tiny", **overrides)).eval()
+
+
+def sharpen(model: CocaModel) -> CocaModel:
+    """Random CoCa weights give near-uniform next-token distributions; scaling the vocabulary projection
+    makes generation depend clearly on the image and the prefix, so comparisons between decoding paths
+    can fail."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+        for layer in model.text_decoder.layers:
+            layer.cross_attn_block.cross_attn.out_proj.weight.mul_(20)
+    return model
+
+
+def batch(n=2, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(n, 3, 32, 32, generator=g)
+    input_ids = torch.randint(4, 96, (n, length), generator=g)
+    input_ids[:, 0] = BOS
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, length - 2 :] = 0  # the second caption is right-padded
+    input_ids[1, length - 3] = EOS
+    return pixel_values, input_ids, attention_mask
+
+
+def test_forward_returns_contrastive_and_caption_outputs():
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask = batch()
+    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    assert out.logits_per_image.shape == (2, 2) and torch.equal(out.logits_per_text, out.logits_per_image.t())
+    assert out.logits.shape == (2, 7, 96)
+    assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(2)), "forward embeds are L2-normalized"
+    assert torch.allclose(out.text_embeds.norm(dim=-1), torch.ones(2))
+    assert out.loss is None, "no loss unless asked"
+    # the features API returns the projected, unnormalized embeddings (transformers CLIP v5 convention)
+    image_features = model.get_image_features(pixel_values).pooler_output
+    text_features = model.get_text_features(input_ids, attention_mask).pooler_output
+    torch.testing.assert_close(image_features / image_features.norm(dim=-1, keepdim=True), out.image_embeds)
+    torch.testing.assert_close(text_features / text_features.norm(dim=-1, keepdim=True), out.text_embeds)
+    expected = model.logit_scale.exp() * out.image_embeds @ out.text_embeds.t()
+    torch.testing.assert_close(out.logits_per_image, expected)
+
+
+def test_loss_is_weighted_sum_and_caption_labels_are_shifted_input_ids_without_padding():
+    model = tiny_model(contrastive_loss_weight=0.5, caption_loss_weight=3.0)
+    pixel_values, input_ids, attention_mask = batch()
+    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
+    torch.testing.assert_close(out.loss, 0.5 * out.contrastive_loss + 3.0 * out.caption_loss)
+
+    # caption loss by hand: position t predicts token t+1, padded targets ignored
+    logits, targets = out.logits[:, :-1], input_ids[:, 1:]
+    keep = attention_mask[:, 1:].bool()
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.caption_loss, expected)
+    # contrastive loss by hand: symmetric cross-entropy over the image-text similarity matrix
+    sims, labels = out.logits_per_image, torch.arange(2)
+    expected = (torch.nn.functional.cross_entropy(sims, labels) + torch.nn.functional.cross_entropy(sims.t(), labels)) / 2
+    torch.testing.assert_close(out.contrastive_loss, expected)
+
+    # explicit labels in the input layout give the same loss; labels alone imply return_loss
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    again = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels)
+    torch.testing.assert_close(again.loss, out.loss)
+
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None and model.vision_model.trunk.cls_token.grad is not None
+
+
+def test_padding_does_not_change_a_caption():
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask = batch()
+    short = model(input_ids=input_ids[1:, :5], pixel_values=pixel_values[1:])
+    padded = model(input_ids=input_ids[1:], pixel_values=pixel_values[1:], attention_mask=attention_mask[1:])
+    torch.testing.assert_close(padded.text_embeds, short.text_embeds)
+    torch.testing.assert_close(padded.logits[:, :5], short.logits)
+
+
+def test_legacy_cls_mask_changes_only_the_text_embedding():
+    """open_clip's shifted CLS mask (released weights) lets the CLS see the first padding position."""
+    correct, legacy = tiny_model(), tiny_model(legacy_cls_mask=True)
+    legacy.load_state_dict(correct.state_dict())
+    pixel_values, input_ids, attention_mask = batch()
+    a = correct(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    b = legacy(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    assert not torch.allclose(a.text_embeds, b.text_embeds, atol=1e-4)
+    valid = attention_mask.bool()
+    torch.testing.assert_close(a.logits[valid], b.logits[valid])
+    # open_clip always padded to 76 tokens; the legacy model pads internally, so any padding gives that result
+    unpadded = legacy(input_ids=input_ids[1:, :5], pixel_values=pixel_values[1:])
+    torch.testing.assert_close(unpadded.text_embeds, b.text_embeds[1:])
+
+
+def test_zero_shot_shapes_when_images_and_texts_do_not_pair_up():
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask = batch(n=3)
+    out = model(input_ids=input_ids, pixel_values=pixel_values[:1], attention_mask=attention_mask)
+    assert out.logits_per_image.shape == (1, 3) and out.logits is None
+    with pytest.raises(ValueError, match="same batch size"):
+        model(input_ids=input_ids, pixel_values=pixel_values[:1], return_loss=True)
+
+
+def naive_greedy(model, pixel_values, steps):
+    """Reference decoder: re-run the full forward on the whole prefix each step, append the argmax."""
+    ids = torch.full((pixel_values.shape[0], 1), BOS)
+    for _ in range(steps):
+        logits = model(input_ids=ids, pixel_values=pixel_values).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@torch.no_grad()
+def test_cached_generation_matches_uncached_and_a_naive_loop():
+    model = sharpen(tiny_model())
+    model.generation_config.eos_token_id = None  # run all steps so every position is compared
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cached = model.generate(pixel_values=pixel_values, max_new_tokens=10, do_sample=False)
+    assert cached.shape == (3, 11) and (cached[:, 0] == BOS).all()
+    assert len({tuple(row) for row in cached.tolist()}) > 1, "captions must depend on the image"
+    torch.testing.assert_close(cached, model.generate(pixel_values=pixel_values, max_new_tokens=10, use_cache=False))
+    torch.testing.assert_close(cached, naive_greedy(model, pixel_values, 10))
+
+    beams = model.generate(pixel_values=pixel_values, max_new_tokens=10, num_beams=4, num_return_sequences=2)
+    beams_uncached = model.generate(
+        pixel_values=pixel_values, max_new_tokens=10, num_beams=4, num_return_sequences=2, use_cache=False
+    )
+    assert beams.shape == (6, 11)
+    torch.testing.assert_close(beams, beams_uncached)
+
+
+@torch.no_grad()
+def test_generation_continues_a_prompt_and_left_pads_batched_prompts():
+    model = sharpen(tiny_model())
+    model.generation_config.eos_token_id = None
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    long_prompt = torch.tensor([[BOS, 10, 11, 12]])
+    short_prompt = torch.tensor([[BOS, 20]])
+    alone = [
+        model.generate(pixel_values=pixel_values[i : i + 1], input_ids=p, max_new_tokens=5)[0, p.shape[1] :]
+        for i, p in enumerate((long_prompt, short_prompt))
+    ]
+    assert not torch.equal(alone[0], alone[1])
+    left_padded = torch.tensor([[BOS, 10, 11, 12], [0, 0, BOS, 20]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    together = model.generate(pixel_values=pixel_values, input_ids=left_padded, attention_mask=mask, max_new_tokens=5)
+    torch.testing.assert_close(together[0, 4:], alone[0])
+    torch.testing.assert_close(together[1, 4:], alone[1])
+
+
+def test_sampling_is_batched_and_seeded():
+    model = tiny_model()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(3)
+    a = model.generate(pixel_values=pixel_values, do_sample=True, top_k=20, max_new_tokens=6)
+    torch.manual_seed(3)
+    b = model.generate(pixel_values=pixel_values, do_sample=True, top_k=20, max_new_tokens=6)
+    assert a.shape[0] == 2 and torch.equal(a, b)
+
+
+def test_every_parameter_is_initialized():
+    """`_init_weights` covers every parameter (open_clip left its decoder projection uninitialized)."""
+    model = tiny_model()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))
+    for module in model.modules():
+        module._is_hf_initialized = False
+    model.initialize_weights()
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), f"{name} was not initialized"
+    # open_clip's text-stack scheme reaches the decoder too (width 64, 2 layers: out_proj std 64**-0.5 / 2)
+    out_proj = model.text_decoder.layers[0].cross_attn_block.cross_attn.out_proj.weight
+    assert abs(out_proj.std().item() - 0.0625) < 0.005
+    assert abs(model.lm_head.weight.std().item() - 0.125) < 0.01
+    torch.testing.assert_close(model.logit_scale, torch.tensor(model.config.logit_scale_init_value))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    pixel_values, input_ids, attention_mask = batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.vision_model.trunk.grad_checkpointing
+        out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_sdpa_and_eager_attention_agree():
+    pixel_values, input_ids, attention_mask = batch()
+    sdpa = tiny_model()
+    eager = CocaModel._from_config(get_config("coca-tiny"), attn_implementation="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    a = sdpa(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    b = eager(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.logits_per_image, b.logits_per_image, atol=1e-5, rtol=1e-4)
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ValueError, match="multimodal_config.hidden_size"):
+        CocaConfig(text_config={"hidden_size": 64, "num_attention_heads": 2})
+    with pytest.raises(ValueError, match="img_size"):
+        CocaConfig(vision_config={"timm_model_args": {"img_size": 64}})
+    assert get_config("coca-tiny").hidden_size == 64
