@@ -166,7 +166,7 @@ class LocalHub:
         for name in ("LocalHub", "LocalHub-storage"):
             server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: a free port
             server.daemon_threads = True
-            thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+            thread = threading.Thread(target=server.serve_forever, args=(0.05,), name=name, daemon=True)
             thread.start()
             self._servers.append(server)
             self._threads.append(thread)

@@ -130,24 +130,25 @@ def _count_parameters(model) -> tuple[int, dict[str, int]]:
     return sum(by_module.values()), by_module
 
 
-def _stage_trainable(model, stages: list[dict]) -> dict[str, int]:
-    """Parameters trained in each stage. A stage lists trainable name prefixes and optional excluded prefixes
-    (model_cards/families.json), matched against the model's parameter names."""
+def _stage_trainable(config, stages: list[dict]) -> dict[str, int]:
+    """Trainable parameters in each training stage, as the model classes themselves freeze them: a stage names
+    the class that is trained in it (model_cards/families.json); its meta-device copy built from this
+    checkpoint's config is counted (parameters with requires_grad)."""
+    import torch
+
+    from hf_vlm.registration import FAMILIES
+
+    family = next((f for f in FAMILIES if f.model_type == config.model_type), None)
     out = {}
     for stage in stages:
-        count, matched_any = 0, set()
-        for name, param in model.named_parameters():
-            hit = next((p for p in stage["trainable"] if name == p or name.startswith(p + ".")), None)
-            if hit and not any(name == x or name.startswith(x + ".") for x in stage.get("exclude", [])):
-                count += param.numel()
-                matched_any.add(hit)
-        missing = set(stage["trainable"]) - matched_any
-        if missing:
-            raise ValueError(
-                f"model_cards/families.json stage {stage['name']!r} names {sorted(missing)}, which match no parameter "
-                f"of {type(model).__name__}; update the stage definition"
-            )
-        out[stage["name"]] = count
+        module = importlib.import_module(family.module) if family else None
+        cls = getattr(module, stage["class"], None)
+        if cls is None:
+            raise ValueError(f"model_cards/families.json: stage {stage['name']!r} names class {stage['class']!r}, "
+                             f"which {family.module if family else 'no registered family'} does not define")
+        with torch.device("meta"):
+            model = cls(config)
+        out[stage["name"]] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return out
 
 
@@ -253,7 +254,7 @@ def checkpoint_facts(checkpoint: str | Path) -> CheckpointFacts:
         config=config_dict,
         parameters=total,
         parameters_by_module=by_module,
-        trainable_by_stage=_stage_trainable(model, family.get("stages", [])),
+        trainable_by_stage=_stage_trainable(config, family.get("stages", [])),
         weight_files=sizes,
         stored_dtypes=dtypes,
         stored_elements=stored,
@@ -438,6 +439,31 @@ def _checkpoint_section(facts: CheckpointFacts, comparisons: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _variant_section(variant: dict | None, facts: CheckpointFacts) -> str:
+    """The brief's description of the variant (architecture, data, recipe), or what is known without one."""
+    if variant is None:
+        preset = f"the hf-vlm preset `{facts.preset}`" if facts.preset else "no published hf-vlm preset"
+        return (f"This checkpoint's architecture matches {preset}. No training facts are recorded for it; "
+                "the numbers below are computed from the checkpoint itself.")
+    lines = [f"**{variant['display_name']}** ({variant['year']}).", "", "Architecture:"]
+    lines += [f"- {item}" for item in variant.get("architecture", [])]
+    if variant.get("objective"):
+        lines += ["", f"Objective: {variant['objective']}"]
+    lines += ["", "### Training data", "", variant.get("training_data", "not reported")]
+    if variant.get("preprocessing"):
+        lines += ["", "### Preprocessing", ""] + [f"- {item}" for item in variant["preprocessing"]]
+    if variant.get("training_procedure"):
+        lines += ["", "### Training procedure", ""] + [f"- {item}" for item in variant["training_procedure"]]
+        compute = variant.get("compute", {})
+        hardware = ", ".join(x for x in (compute.get("hardware_type"), compute.get("duration"),
+                                          compute.get("compute_region")) if x)
+        if hardware:
+            lines.append(f"- Compute: {hardware}.")
+    if variant.get("evaluation_protocol"):
+        lines += ["", variant["evaluation_protocol"]]
+    return "\n".join(lines)
+
+
 def _environment_section(variant: dict | None) -> str:
     """The Hub's environmental-impact convention (Lacoste et al., 2019): hardware, hours, provider, region, CO2."""
     compute = (variant or {}).get("compute", {})
@@ -514,11 +540,19 @@ def render_card(checkpoint: str | Path, repo_id: str | None = None, *, base_mode
         eval_results=evaluation.results or None,
     )
     comparisons = _comparisons(facts, (facts_of_variant or {}).get("stated", {}))
+    # The Auto class for trust_remote_code loading must be one that config.json's auto_map names.
+    auto_map = facts.config.get("auto_map", {})
+    preferred = family.get("auto_class", "AutoModel")
+    remote_auto_class = preferred if preferred in auto_map else next(
+        (name for name in auto_map if name.startswith("AutoModel")), None)
     context = {
+        "auto_class": preferred,
+        "remote_auto_class": remote_auto_class,
         "repo_id": repo_id,
         "model_name": model_name,
         "variant": facts_of_variant,
         "facts": facts,
+        "variant_section": _variant_section(facts_of_variant, facts),
         "parameters_section": _parameters_section(facts, family, comparisons),
         "checkpoint_section": _checkpoint_section(facts, comparisons),
         "environment_section": _environment_section(facts_of_variant),
