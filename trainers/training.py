@@ -61,7 +61,12 @@ class ModelArguments:
         metadata={"help": "processor or tokenizer folder / Hub id; default: the --model checkpoint's own"},
     )
     init_qformer_from: str | None = field(
-        default=None, metadata={"help": "blip2-stage2: stage-1 checkpoint whose Q-Former (and ViT) to start from"}
+        default=None, metadata={"help": "blip2-stage2: stage-1 checkpoint whose ViT and Q-Former to start from"}
+    )
+    language_model: str | None = field(
+        default=None,
+        metadata={"help": "blip2-stage2 with --init_qformer_from: T5 folder / Hub id (e.g. google/flan-t5-xl); "
+                  "default: the --model preset's T5 config, randomly initialised"},
     )
     freeze_vision: bool | None = field(default=None, metadata={"help": "override the config's freeze_vision"})
     freeze_language_model: bool | None = field(
@@ -166,64 +171,18 @@ def load_model(stage: Stage, model_args: ModelArguments):
     for name in ("freeze_vision", "freeze_language_model"):
         if getattr(model_args, name) is not None:
             overrides[name] = getattr(model_args, name)
+    if model_args.init_qformer_from:
+        if not hasattr(model_class, "from_stage1"):
+            raise SystemExit(f"--init_qformer_from is for the blip2-stage2 stage, not {model_class.__name__}")
+        language_model = model_args.language_model
+        if language_model is None:
+            if model_args.model not in list_presets():
+                raise SystemExit("--init_qformer_from needs --language_model (a T5 folder / Hub id) or a preset --model")
+            language_model = get_config(model_args.model).text_config
+        return model_class.from_stage1(model_args.init_qformer_from, language_model, **overrides)
     if model_args.model in list_presets():
         return model_class._from_config(get_config(model_args.model, **overrides))
     return model_class.from_pretrained(model_args.model, **overrides)
-
-
-def init_qformer_from_stage1(model, checkpoint: str) -> list[str]:
-    """Copy a stage-1 checkpoint's tensors that stage 2 shares (query_tokens, qformer.*, vision_model.*)
-    into `model`. Every stage-2 Q-Former tensor must be found with the same shape. Returns the copied keys."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    state = _load_state_dict(checkpoint)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    required = [k for k in params if k == "query_tokens" or k.startswith("qformer.")]
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise ValueError(
-            f"--init_qformer_from {checkpoint}: not a BLIP-2 stage-1 checkpoint, it lacks {len(missing)} Q-Former "
-            f"tensors, e.g. {missing[:3]}"
-        )
-    shared = [k for k in params if k in state and (k in required or k.startswith("vision_model."))]
-    for key in shared:
-        shape = tuple(getattr(params[key], "ds_shape", params[key].shape))
-        if tuple(state[key].shape) != shape:
-            raise ValueError(
-                f"--init_qformer_from {checkpoint}: {key} has shape {tuple(state[key].shape)}, the model {shape}"
-            )
-    import contextlib
-
-    import torch
-
-    gather = contextlib.nullcontext()
-    if is_deepspeed_zero3_enabled():
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters([params[k] for k in shared], modifier_rank=0)
-    with gather, torch.no_grad():
-        for key in shared:
-            params[key].data.copy_(state[key].to(params[key].dtype))
-    return shared
-
-
-def _load_state_dict(checkpoint: str) -> dict:
-    """All tensors of a saved checkpoint folder (one or several safetensors files)."""
-    from safetensors.torch import load_file
-
-    folder = Path(checkpoint)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(checkpoint, allow_patterns=["*.safetensors", "*.json"]))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{checkpoint}: no *.safetensors weights in {folder}")
-    state = {}
-    for file in files:
-        state.update(load_file(file))
-    return state
 
 
 def load_processor(model_args: ModelArguments):
@@ -307,11 +266,6 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
 
     set_seed(training_args.seed)
     model = load_model(stage, model_args)
-    if model_args.init_qformer_from:
-        if recipe.stage != "blip2-stage2":
-            raise SystemExit(f"{prog}: --init_qformer_from is for blip2-stage2 recipes, not {recipe.stage!r}")
-        copied = init_qformer_from_stage1(model, model_args.init_qformer_from)
-        logger.info("initialised %d tensors from stage-1 checkpoint %s", len(copied), model_args.init_qformer_from)
     processor = load_processor(model_args)
     data = build_data(stage, model, processor, data_args, training_args)
 
@@ -335,6 +289,7 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
 
     # Final weights + processor in output_dir: `from_pretrained(output_dir)` loads the trained model.
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history (losses, skip counts) of the whole run
     skipped = skips.skipped_counts(training_args)  # a collective: every rank calls it
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)

@@ -1,0 +1,369 @@
+"""Training end to end on CPU: `accelerate launch` with 2 processes (gloo) + DeepSpeed ZeRO-2 / ZeRO-3 over
+trainers/pretrain.py and finetune.py, on the tiny recipes of both families.
+
+Launches are the slow part (imports + DeepSpeed start), so each fixture launches once and several tests
+read its outputs:
+  coca_zero2     coca-tiny, ZeRO-2, on shards holding a corrupt image and an empty caption
+  coca_resumed   the same run SIGKILLed at step 6, then resumed from checkpoint-4
+  coca_caption   finetune.py coca-tiny-caption from coca_zero2's output, ZeRO-3
+  blip2_stage1   blip2-tiny-stage1 from a saved initial checkpoint, ZeRO-3
+  blip2_stage2   blip2-tiny-stage2, Q-Former from blip2_stage1, ZeRO-2
+A probe script wraps the entry points (test-only): it records every rank's training loss as the model's
+forward returns it, saves the initial weights (ZeRO-2) and can SIGKILL the run at a given step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MULTI_GPU_CONFIG = ROOT / "trainers" / "accelerate" / "multi_gpu.yaml"
+pytestmark = pytest.mark.distributed
+
+PROBE = '''
+"""Test probe: runs hf_vlm.trainers.<entry>.main with a callback that records each rank's training loss
+(from the model's own forward), dumps the initial weights (ZeRO-2 / no DeepSpeed) and SIGKILLs at a step."""
+import json, os, signal, sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+
+class Probe(TrainerCallback):
+    def __init__(self, kill_at):
+        self.kill_at, self.losses, self.pending = kill_at, {}, []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.out = Path(args.output_dir)
+        self.rank = args.process_index
+        model.register_forward_hook(self.record)
+        if self.rank == 0 and not any(hasattr(p, "ds_id") for p in model.parameters()):  # not ZeRO-3 partitioned
+            from safetensors.torch import save_file
+            state = {n: p.detach().clone().contiguous() for n, p in model.state_dict().items()}
+            save_file(state, str(self.out / "initial_weights.safetensors"))
+
+    def record(self, module, inputs, output):
+        if module.training and getattr(output, "loss", None) is not None:
+            self.pending.append(output.loss.detach().float().item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.losses[state.global_step] = sum(self.pending) / len(self.pending)
+        self.pending = []
+        self.write()
+        if state.global_step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def write(self):
+        (self.out / f"probe_losses_rank{self.rank}.json").write_text(json.dumps(self.losses))
+
+
+entry = os.environ["PROBE_ENTRY"]
+kill_at = int(os.environ.get("PROBE_KILL_AT", "0"))
+module = __import__(f"hf_vlm.trainers.{entry}", fromlist=["main"])
+sys.exit(module.main(sys.argv[1:], callbacks=[Probe(kill_at)]))
+'''
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp: Path) -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp / "datasets_cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",  # CPU + gloo, also on a machine with GPUs
+        "LOGLEVEL": "WARNING",
+    }
+
+
+def launch(tmp: Path, entry: str, args: list[str], *, kill_at: int = 0, name: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --num_processes 2` of the probe around trainers/<entry>.py; logs to tmp/<name>.log."""
+    probe = tmp / "probe.py"
+    probe.write_text(PROBE)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_GPU_CONFIG),
+        "--num_processes", "2", "--main_process_port", str(_free_port()), str(probe), *args,
+    ]
+    env = {**_env(tmp), "PROBE_ENTRY": entry, "PROBE_KILL_AT": str(kill_at)}
+    start = time.monotonic()
+    result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    (tmp / f"{name}.log").write_text(result.stdout + result.stderr)
+    print(f"{name}: exit {result.returncode} after {time.monotonic() - start:.1f} s (log: {tmp / name}.log)")
+    return result
+
+
+def check(result: subprocess.CompletedProcess):
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+
+
+def log_history(output_dir: Path) -> list[dict]:
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def step_losses(output_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in log_history(output_dir) if "loss" in e}
+
+
+def probe_losses(output_dir: Path) -> list[dict[int, float]]:
+    return [
+        {int(k): v for k, v in json.loads((output_dir / f"probe_losses_rank{r}.json").read_text()).items()}
+        for r in (0, 1)
+    ]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def loss_fell(losses: dict[int, float]) -> tuple[float, float]:
+    steps = sorted(losses)
+    first = sum(losses[s] for s in steps[:2]) / 2
+    last = sum(losses[s] for s in steps[-2:]) / 2
+    return first, last
+
+
+def write_bad_shard(path: Path, good_row: dict):
+    """A webdataset shard with one undecodable image and one empty caption."""
+    import io
+
+    image = io.BytesIO()
+    good_row["image"].save(image, format="PNG")
+    samples = {
+        "bad-corrupt": {"png": b"\x89PNG\r\n\x1a\n this is not an image", "txt": b"a red circle"},
+        "bad-empty": {"png": image.getvalue(), "txt": b"   "},
+    }
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Scene shards (30 good samples + a shard with 2 bad ones) and the three tiny tokenizers."""
+    from hf_vlm.scenes import export_webdataset, generate_scenes
+    from hf_vlm.testing import TINY_CORPUS
+    from hf_vlm.tokenization import train_bert_tokenizer, train_coca_tokenizer, train_t5_tokenizer
+
+    root = tmp_path_factory.mktemp("train_assets")
+    rows = list(generate_scenes("train", 30, seed=0))
+    export_webdataset(rows, root / "shards", samples_per_shard=15)
+    write_bad_shard(root / "shards" / "bad-000000.tar", rows[0])
+    texts = TINY_CORPUS + [r["caption"] for r in rows]
+    train_coca_tokenizer(texts, 96, root / "coca_tokenizer")
+    train_t5_tokenizer(texts, 96, root / "t5_tokenizer")
+    train_bert_tokenizer(texts, 256, root / "bert_tokenizer")
+    return root
+
+
+def _common(assets: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--train_data", str(assets / "shards" / "*.tar"), "--output_dir", str(out),
+        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "0",
+        "--dataset_cache_dir", str(out.parent / "datasets_cache"), *extra,
+    ]
+
+
+COCA_STEPS = 8
+
+
+def _coca_args(assets, out):
+    return ["--recipe", "coca-tiny", "--processor", str(assets / "coca_tokenizer"), "--deepspeed", "zero2",
+            *_common(assets, out, "--max_steps", str(COCA_STEPS), "--save_steps", "4")]
+
+
+@pytest.fixture(scope="module")
+def coca_zero2(assets, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("coca_zero2")
+    check(launch(tmp, "pretrain", _coca_args(assets, tmp / "out"), name="coca_zero2"))
+    return tmp / "out"
+
+
+@pytest.fixture(scope="module")
+def coca_resumed(assets, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("coca_resumed")
+    out = tmp / "out"
+    killed = launch(tmp, "pretrain", _coca_args(assets, out), kill_at=6, name="killed")
+    resumed = launch(tmp, "pretrain", [*_coca_args(assets, out), "--resume_from_checkpoint", str(out / "checkpoint-4")],
+                     name="resumed")
+    return out, killed, resumed
+
+
+@pytest.fixture(scope="module")
+def blip2_stage1(assets, tmp_path_factory):
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForPretraining
+    from hf_vlm.presets import get_config
+
+    tmp = tmp_path_factory.mktemp("blip2_stage1")
+    torch.manual_seed(0)
+    Blip2FlanT5ForPretraining(get_config("blip2-tiny")).save_pretrained(tmp / "initial")
+    args = ["--recipe", "blip2-tiny-stage1", "--model", str(tmp / "initial"), "--deepspeed", "zero3",
+            "--processor", str(assets / "bert_tokenizer"), *_common(assets, tmp / "out", "--max_steps", "6")]
+    check(launch(tmp, "pretrain", args, name="blip2_stage1"))
+    return tmp / "initial", tmp / "out"
+
+
+@pytest.fixture(scope="module")
+def blip2_stage2(assets, blip2_stage1, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("blip2_stage2")
+    args = ["--recipe", "blip2-tiny-stage2", "--init_qformer_from", str(blip2_stage1[1]), "--deepspeed", "zero2",
+            "--processor", str(assets / "t5_tokenizer"), *_common(assets, tmp / "out", "--max_steps", "6")]
+    check(launch(tmp, "pretrain", args, name="blip2_stage2"))
+    return tmp / "out"
+
+
+@pytest.fixture(scope="module")
+def coca_caption(assets, coca_zero2, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("coca_caption")
+    args = ["--recipe", "coca-tiny-caption", "--model", str(coca_zero2), "--deepspeed", "zero3",
+            *_common(assets, tmp / "out", "--max_steps", "4", "--learning_rate", "1e-3")]
+    check(launch(tmp, "finetune", args, name="coca_caption"))
+    return tmp / "out"
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_coca_zero2_trains_saves_a_loadable_checkpoint_and_the_loss_falls(coca_zero2):
+    from hf_vlm.modeling.coca import CocaModel
+
+    first, last = loss_fell(step_losses(coca_zero2))
+    print(f"coca-tiny ZeRO-2 loss: first steps {first:.4f} -> last steps {last:.4f}")
+    assert last < first - 0.2
+    model = CocaModel.from_pretrained(coca_zero2)
+    saved = weights(coca_zero2)
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(tensor, saved[name]), name
+    # The final weights are those of the last checkpoint (the Trainer's save under DeepSpeed).
+    last_checkpoint = weights(coca_zero2 / f"checkpoint-{COCA_STEPS}")
+    assert all(torch.equal(saved[k], last_checkpoint[k]) for k in saved)
+
+
+def test_logged_loss_is_the_mean_over_ranks_coca(coca_zero2):
+    logged = step_losses(coca_zero2)
+    rank0, rank1 = probe_losses(coca_zero2)
+    assert sorted(logged) == list(range(1, COCA_STEPS + 1))
+    for step, value in logged.items():
+        assert value == pytest.approx((rank0[step] + rank1[step]) / 2, rel=1e-4, abs=1e-5), step
+
+
+def test_corrupt_image_and_empty_caption_are_skipped_and_counted(coca_zero2):
+    """32 samples (30 good, 2 bad), 8 per optimizer step over 2 ranks: 8 steps are 2 epochs, so each bad
+    sample is drawn, and counted, twice; the counts appear in every step's log."""
+    history = log_history(coca_zero2)
+    step_logs = [e for e in history if "loss" in e]
+    assert all("skipped/corrupt_image" in e and "skipped/empty_caption" in e for e in step_logs)
+    final = next(e for e in history if "train_loss" in e)
+    assert final["skipped/corrupt_image"] == 2
+    assert final["skipped/empty_caption"] == 2
+    summary = json.loads((coca_zero2 / "training_summary.json").read_text())
+    assert summary["skipped_samples"]["corrupt_image"] == 2 and summary["skipped_samples"]["empty_caption"] == 2
+
+
+def test_sigkill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(coca_zero2, coca_resumed):
+    out, killed, resumed = coca_resumed
+    assert killed.returncode != 0  # SIGKILL at step 6: only checkpoint-4 was written
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-8").exists()
+    check(resumed)
+    reference, result = weights(coca_zero2), weights(out)
+    assert reference.keys() == result.keys()
+    differing = [k for k in reference if not torch.equal(reference[k], result[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+    # The resumed run logged the same losses for steps 5..8 as the uninterrupted one.
+    uninterrupted, after_resume = step_losses(coca_zero2), step_losses(out)
+    for step in range(5, COCA_STEPS + 1):
+        assert after_resume[step] == uninterrupted[step], step
+
+
+def test_blip2_stage1_zero3_frozen_vit_is_bit_identical_and_qformer_trained(blip2_stage1):
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForPretraining
+
+    initial_dir, out = blip2_stage1
+    first, last = loss_fell(step_losses(out))
+    print(f"blip2-tiny stage 1 ZeRO-3 loss: first steps {first:.4f} -> last steps {last:.4f}")
+    assert last < first
+    model = Blip2FlanT5ForPretraining.from_pretrained(out)
+    assert model.config.freeze_vision
+    initial, final = weights(initial_dir), weights(out)
+    vision = [k for k in initial if k.startswith("vision_model.")]
+    qformer = [k for k in initial if k.startswith("qformer.") and "layer" in k]
+    assert vision and qformer
+    assert all(torch.equal(initial[k], final[k]) for k in vision)
+    changed = [k for k in qformer if not torch.equal(initial[k], final[k])]
+    assert len(changed) > len(qformer) // 2
+    assert not torch.equal(initial["query_tokens"], final["query_tokens"])
+
+
+def test_blip2_stage2_zero2_starts_from_stage1_keeps_vit_and_t5_frozen(blip2_stage1, blip2_stage2):
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration
+
+    _, stage1_out = blip2_stage1
+    stage1 = weights(stage1_out)
+    initial = _load(blip2_stage2 / "initial_weights.safetensors")
+    final = weights(blip2_stage2)
+    # Started from the stage-1 Q-Former, query tokens and ViT.
+    for key in [k for k in initial if k.startswith(("qformer.", "vision_model.", "query_tokens"))]:
+        assert torch.equal(initial[key], stage1[key]), key
+    frozen = [k for k in final if k.startswith(("vision_model.", "language_model."))]
+    trained = [k for k in final if k.startswith(("qformer.", "language_projection.", "query_tokens"))]
+    assert all(torch.equal(initial[k], final[k]) for k in frozen if k in initial)
+    assert sum(not torch.equal(initial[k], final[k]) for k in trained) > len(trained) // 2
+    first, last = loss_fell(step_losses(blip2_stage2))
+    print(f"blip2-tiny stage 2 ZeRO-2 loss: first steps {first:.4f} -> last steps {last:.4f}")
+    assert last < first
+    model = Blip2FlanT5ForConditionalGeneration.from_pretrained(blip2_stage2)
+    assert model.config.freeze_vision and model.config.freeze_language_model
+
+
+def test_logged_loss_is_the_mean_over_ranks_blip2_stage2(blip2_stage2):
+    """Stage 2 batches carry `labels` and the forward takes **kwargs: the stock Trainer would multiply the
+    loss by the number of processes (num_items_in_batch); the logged loss must stay the true mean."""
+    logged = step_losses(blip2_stage2)
+    rank0, rank1 = probe_losses(blip2_stage2)
+    for step, value in logged.items():
+        assert value == pytest.approx((rank0[step] + rank1[step]) / 2, rel=1e-4, abs=1e-5), step
+
+
+def test_finetune_coca_caption_zero3_loads_and_trains_caption_loss_only(coca_zero2, coca_caption):
+    from hf_vlm.modeling.coca import CocaModel
+
+    model = CocaModel.from_pretrained(coca_caption)
+    assert model.config.contrastive_loss_weight == 0.0
+    start, final = weights(coca_zero2), weights(coca_caption)
+    assert any(not torch.equal(start[k], final[k]) for k in final)
+    first, last = loss_fell(step_losses(coca_caption))
+    assert last < first
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
