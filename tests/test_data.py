@@ -186,6 +186,25 @@ def test_webdataset_json_captions_and_the_hub_code_path(tmp_path):
     assert raw["text"] == ["a hub caption"]
 
 
+def test_synthetic_scenes_exports_load_as_caption_and_vqa_data(tmp_path):
+    """hf_vlm.scenes writes webdataset shards (.png/.txt/.json) and imagefolders; both layouts load with
+    the default columns (the VQA shards keep question/answers inside KEY.json)."""
+    from hf_vlm.scenes import export_scenes
+
+    vqa = export_scenes(
+        tmp_path / "vqa", {"train": 2}, layout="vqa", format="webdataset", samples_per_shard=8
+    )
+    captions = export_scenes(tmp_path / "captions", {"train": 3}, layout="caption", format="imagefolder")
+    counter = SkipCounter()
+    vqa_raw = load_image_text_dataset(str(vqa["train"]), task="vqa", streaming=True)
+    vqa_samples = list(prepare_dataset(vqa_raw, _identity_transform(), counter, shuffle_buffer=0))
+    assert len(vqa_samples) > 2 and all(s["question"].endswith("?") and s["answers"] for s in vqa_samples)
+    caption_raw = load_image_text_dataset(str(captions["train"]), cache_dir=tmp_path / "cache")
+    caption_samples = prepare_dataset(caption_raw, _identity_transform(), counter)
+    assert len(caption_samples) == 3 and caption_samples[0]["text"].startswith("a ")
+    assert counter.total == 0
+
+
 def test_missing_sources_and_columns_are_named_in_the_error(corpora, tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
         load_image_text_dataset(str(tmp_path / "no-such-dir"))

@@ -21,6 +21,7 @@ from collections import Counter
 import torch
 
 from .skips import SkipCounter, SkippedSample
+from .sources import TASK_COLUMNS
 from .transforms import load_rgb_image
 
 # Consecutive unusable samples after which a map-style dataset is declared broken rather than skipped.
@@ -60,29 +61,28 @@ class SamplePreparer:
     """Turns one raw example (canonical columns) into a prepared one, or counts why it cannot."""
 
     def __init__(self, image_transform, counter: SkipCounter, task: str = "caption"):
-        if task not in ("caption", "vqa"):
-            raise ValueError(f"unknown task {task!r}; expected 'caption' or 'vqa'")
+        if task not in TASK_COLUMNS:
+            raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_COLUMNS)}")
         self.image_transform = image_transform
         self.counter = counter
         self.task = task
 
     def prepare(self, example: dict) -> dict:
         """The prepared sample; raises SkippedSample. Text is checked first: it costs no decoding."""
-        name = sample_id(example)
         if self.task == "caption":
             text = _clean_text(example.get("text"))
             if not text:
-                raise SkippedSample("empty_caption", f"{name}: caption {example.get('text')!r}")
+                raise SkippedSample("empty_caption", f"caption {example.get('text')!r}")
             fields = {"text": text}
         else:
             question = _clean_text(example.get("question"))
             if not question:
-                raise SkippedSample("empty_question", f"{name}: question {example.get('question')!r}")
+                raise SkippedSample("empty_question", f"question {example.get('question')!r}")
             answers = _clean_answers(example.get("answers"))
             if not answers:
-                raise SkippedSample("empty_answer", f"{name}: answers {example.get('answers')!r}")
+                raise SkippedSample("empty_answer", f"answers {example.get('answers')!r}")
             fields = {"question": question, "answers": answers}
-        image = load_rgb_image(example.get("image"), name)
+        image = load_rgb_image(example.get("image"))
         return {"pixel_values": self.image_transform(image), **fields}
 
     def __call__(self, example: dict) -> dict | None:
@@ -97,7 +97,7 @@ class SamplePreparer:
         """Batched form for `IterableDataset.map(batched=True)`: the output omits the bad rows."""
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         prepared = [p for p in map(self, rows) if p is not None]
-        keys = ["pixel_values", "text"] if self.task == "caption" else ["pixel_values", "question", "answers"]
+        keys = ["pixel_values", *TASK_COLUMNS[self.task][1:]]
         return {key: [p[key] for p in prepared] for key in keys}
 
 
@@ -134,7 +134,7 @@ def prepare_dataset(
     image_transform,
     counter: SkipCounter,
     *,
-    task: str = "caption",
+    task: str | None = None,
     shuffle_buffer: int = 1000,
     seed: int = 0,
     map_batch_size: int = 16,
@@ -143,9 +143,12 @@ def prepare_dataset(
 
     Returns a `PreparedDataset` (map-style, for `datasets.Dataset`) or a `datasets.IterableDataset`
     (streaming; shuffled with a `shuffle_buffer`-sample buffer and `seed`, 0 disables shuffling).
+    `task` ("caption" or "vqa") defaults to the one the dataset's columns were loaded for.
     """
     import datasets
 
+    if task is None:
+        task = "vqa" if "question" in _columns(dataset) else "caption"
     preparer = SamplePreparer(image_transform, counter, task)
     if isinstance(dataset, datasets.IterableDataset):
         if shuffle_buffer:

@@ -66,7 +66,7 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def load_rgb_image(value, sample_id: str = "<unknown sample>"):
+def load_rgb_image(value, sample_id: str | None = None):
     """Decode an image column value completely and convert it to RGB.
 
     Raises `SkippedSample("corrupt_image", ...)` for anything that is not a whole, decodable image
@@ -77,8 +77,9 @@ def load_rgb_image(value, sample_id: str = "<unknown sample>"):
 
     from .skips import SkippedSample
 
+    where = f"{sample_id}: " if sample_id else ""
     if value is None:
-        raise SkippedSample("corrupt_image", f"{sample_id}: no image")
+        raise SkippedSample("corrupt_image", f"{where}no image")
     if isinstance(value, Image.Image):
         image = value
     else:
@@ -88,13 +89,11 @@ def load_rgb_image(value, sample_id: str = "<unknown sample>"):
         # PIL signals undecodable data with many types (OSError, SyntaxError, ValueError,
         # DecompressionBombError, struct.error...): any failure to decode one sample is a skip.
         except Exception as err:  # noqa: BLE001
-            raise SkippedSample("corrupt_image", f"{sample_id}: {type(err).__name__}: {err}") from err
+            raise SkippedSample("corrupt_image", f"{where}{type(err).__name__}: {err}") from err
     try:
         return to_rgb(image)
     except Exception as err:  # noqa: BLE001
-        raise SkippedSample(
-            "corrupt_image", f"{sample_id}: cannot convert {image.mode} to RGB: {err}"
-        ) from err
+        raise SkippedSample("corrupt_image", f"{where}cannot convert {image.mode} to RGB: {err}") from err
 
 
 def build_image_transform(
