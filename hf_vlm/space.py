@@ -26,6 +26,8 @@ from typing import Any
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from hf_vlm.data.collators import VQA_PROMPT  # the prompt BLIP-2's VQA fine-tune is trained with
+
 logger = logging.getLogger(__name__)
 
 BLIP2_ENV = "HF_VLM_BLIP2"
@@ -49,7 +51,6 @@ MAX_NEW_TOKENS = (1, 64, 20)
 TEMPERATURE = (0.1, 2.0, 1.0)
 TOP_P = (0.1, 1.0, 0.9)
 
-VQA_PROMPT = "Question: {} Short answer:"  # LAVIS's zero-shot VQA prompt for FlanT5 (REFERENCE.md)
 ZERO_SHOT_TEMPLATE = "a photo of a {}."  # CLIP's; the demo CoCa was trained on scenes.ZERO_SHOT_TEMPLATE
 
 # One worker for all model calls: the models are shared, and on a small CPU parallel calls only thrash.
