@@ -234,13 +234,15 @@ def _blip2_checkpoint(folder: Path, t5_tokenizer_dir: Path):
 
 
 def _coca_checkpoint(folder: Path, t5_tokenizer_dir: Path):
-    from transformers import T5Tokenizer
-
     from hf_vlm.modeling.coca import CocaModel, CocaProcessor
     from hf_vlm.presets import get_config
+    from hf_vlm.testing import TINY_CORPUS
+    from hf_vlm.tokenization import train_coca_tokenizer
 
-    model = CocaModel(get_config("coca-tiny")).eval()
-    processor = CocaProcessor.from_tokenizer(T5Tokenizer.from_pretrained(t5_tokenizer_dir), image_size=32)
+    config = get_config("coca-tiny")
+    model = CocaModel(config).eval()
+    tokenizer = train_coca_tokenizer(TINY_CORPUS, vocab_size=config.text_config.vocab_size)
+    processor = CocaProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     inputs = dict(processor(images=random_image(48, seed=2), text=["a red circle", "a blue square above a triangle"],
@@ -248,7 +250,7 @@ def _coca_checkpoint(folder: Path, t5_tokenizer_dir: Path):
     return model, inputs
 
 
-ROUND_TRIP = {"org/blip2-tiny": _blip2_checkpoint}  # TODO coca
+ROUND_TRIP = {"org/blip2-tiny": _blip2_checkpoint, "org/coca-tiny": _coca_checkpoint}
 
 
 EVAL_RESULTS = {

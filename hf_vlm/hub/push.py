@@ -109,10 +109,11 @@ def _describe(err: Exception) -> str:
 def _existing_content(api, repo_id: str, revision: str) -> dict[str, str] | None:
     """{path: blob id} at `revision`, or None when that branch does not exist yet."""
     from huggingface_hub.errors import RevisionNotFoundError
+    from huggingface_hub.hf_api import RepoFile
 
     try:
         return {f.path: f.blob_id for f in api.list_repo_tree(repo_id, revision=revision, recursive=True)
-                if hasattr(f, "blob_id") and f.__class__.__name__ == "RepoFile"}
+                if isinstance(f, RepoFile)}
     except RevisionNotFoundError:
         return None
 
