@@ -175,3 +175,23 @@ def test_card_command_errors_name_the_problem(tmp_path, capsys):
     folder = _config_only_checkpoint(tmp_path, "blip2-tiny")
     assert cli(["card", str(folder), "--variant", "blip2-flan-t5-xxl"]) == 1
     assert "unknown variant 'blip2-flan-t5-xxl'" in capsys.readouterr().err
+
+
+def test_provenance_recorded_in_the_weights_becomes_base_model_and_survives_staging(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel
+
+    from hf_vlm.hub import stage_checkpoint
+
+    converted = tmp_path / "converted"
+    BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(converted)
+    weights = converted / "model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt", "base_model": "google-bert/bert-base-uncased"})
+
+    assert ModelCard(str(render_card(converted))).data.base_model == ["google-bert/bert-base-uncased"]
+    assert render_card(converted, base_model="org/other").data.base_model == "org/other"  # the caller decides
+    staged = tmp_path / "staged"
+    files = stage_checkpoint(converted, staged)
+    assert {"README.md", "config.json", "model.safetensors"} <= set(files)
+    assert ModelCard.load(staged / "README.md").data.base_model == ["google-bert/bert-base-uncased"]

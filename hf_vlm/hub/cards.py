@@ -84,6 +84,7 @@ class CheckpointFacts:
     max_text_length: int | None = None
     has_remote_code: bool = False
     preset: str | None = None  # the hf_vlm preset whose architecture this checkpoint has
+    base_model: list[str] = field(default_factory=list)  # named by the weights' safetensors metadata
 
     @property
     def weight_bytes(self) -> int:
@@ -152,15 +153,22 @@ def _stage_trainable(config, stages: list[dict]) -> dict[str, int]:
     return out
 
 
-def _read_safetensors_headers(folder: Path) -> tuple[dict[str, int], dict[str, int], int]:
-    """Weight files with sizes, stored elements per dtype, total stored elements (from the headers only)."""
+def read_weight_headers(folder: Path) -> tuple[dict[str, int], dict[str, int], int, list[str]]:
+    """Weight files with sizes, stored elements per dtype, total stored elements, and the `base_model` the
+    files' metadata names (a converter records its source there), all from the headers only."""
     files = sorted(folder.glob("*.safetensors"))
-    sizes, dtypes, total = {}, {}, 0
+    sizes, dtypes, total, base_models = {}, {}, 0, []
     for path in files:
         sizes[path.name] = path.stat().st_size
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
+            try:
+                header = json.loads(f.read(header_len))
+            except ValueError as err:
+                raise ValueError(f"{path} has an unreadable safetensors header: {err}") from err
+        source = header.get("__metadata__", {}).get("base_model")
+        if source and source not in base_models:
+            base_models.append(source)
         for key, info in header.items():
             if key == "__metadata__":
                 continue
@@ -170,7 +178,7 @@ def _read_safetensors_headers(folder: Path) -> tuple[dict[str, int], dict[str, i
             total += numel
     for path in sorted(folder.glob("*.bin")):  # legacy PyTorch weights: size only
         sizes[path.name] = path.stat().st_size
-    return sizes, dtypes, total
+    return sizes, dtypes, total, base_models
 
 
 def _find_values(config: dict, key: str, prefix: str = "") -> dict[str, Any]:
@@ -247,7 +255,7 @@ def checkpoint_facts(checkpoint: str | Path) -> CheckpointFacts:
     model = _meta_model(config)
     total, by_module = _count_parameters(model)
     _, family = family_for(config.model_type)
-    sizes, dtypes, stored = _read_safetensors_headers(folder)
+    sizes, dtypes, stored, base_models = read_weight_headers(folder)
     facts = CheckpointFacts(
         model_type=config.model_type,
         architecture=(config.architectures or [type(model).__name__])[0],
@@ -263,6 +271,7 @@ def checkpoint_facts(checkpoint: str | Path) -> CheckpointFacts:
         max_text_length=_max_text_length(folder, config_dict),
         has_remote_code="auto_map" in config_dict and any(folder.glob("*.py")),
         preset=match_preset(config),
+        base_model=base_models,
     )
     return facts
 
@@ -505,6 +514,8 @@ def render_card(checkpoint: str | Path, repo_id: str | None = None, *, base_mode
     """Render the model card of a checkpoint folder as a `huggingface_hub.ModelCard`.
 
     repo_id: the Hub id used in the usage snippets (defaults to the folder name, for local loading).
+    base_model: Hub id(s) this checkpoint was fine-tuned or converted from; by default the `base_model` key of
+        the weight files' safetensors metadata, if any.
     eval_results: an eval JSON; defaults to `eval_results.json` in the checkpoint folder when present.
     variant: a key of model_cards/variants.json; by default the variant whose preset the checkpoint matches.
     """
@@ -527,7 +538,8 @@ def render_card(checkpoint: str | Path, repo_id: str | None = None, *, base_mode
 
     repo_id = repo_id or folder.resolve().name
     model_name = facts_of_variant["display_name"] if facts_of_variant else repo_id.split("/")[-1]
-    base_model = base_model or (facts_of_variant or {}).get("base_model")
+    # Provenance: given by the caller (fine-tuned from ...), else recorded in the weights (converted from ...).
+    base_model = base_model or facts.base_model or None
     tags = list(dict.fromkeys(family.get("tags", []) + (["custom_code"] if facts.has_remote_code else [])))
     card_data = ModelCardData(
         library_name="transformers",

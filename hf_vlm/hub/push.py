@@ -54,7 +54,7 @@ def stage_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, max_shar
     """Write the repository content for `checkpoint` into `output_dir` (empty or new); returns the file list."""
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
-    from hf_vlm.hub.cards import EVAL_RESULTS_FILE, model_class_for, write_card
+    from hf_vlm.hub.cards import EVAL_RESULTS_FILE, model_class_for, read_weight_headers, write_card
     from hf_vlm.registration import FAMILIES
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
@@ -64,6 +64,8 @@ def stage_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, max_shar
     if any(output_dir.iterdir()):
         raise HubPushError(f"staging folder {output_dir} is not empty")
 
+    # save_pretrained rewrites the weights' metadata: keep the provenance a converter recorded there.
+    base_model = base_model or read_weight_headers(checkpoint)[3] or None
     config = AutoConfig.from_pretrained(checkpoint)
     ours = any(f.model_type == config.model_type for f in FAMILIES)
     model = model_class_for(config).from_pretrained(checkpoint, dtype="auto")
