@@ -320,7 +320,10 @@ def test_train_transforms_augment_per_recipe_and_follow_the_seed():
         assert torch.equal(first, transform(image))
         assert first.shape == (3, 64, 64)
         assert not torch.equal(first, transform(image))
-    names = lambda recipe: [type(t).__name__ for t in build_image_transform(recipe).transforms]  # noqa: E731
+
+    def names(recipe):
+        return [type(step).__name__ for step in build_image_transform(recipe).transforms]
+
     assert names("blip2")[0] == "RandomResizedCrop" and "ColorJitter" not in names("blip2")
     assert {"RandomHorizontalFlip", "ColorJitter"} <= set(names("coca"))
     eval_steps = [type(t).__name__ for t in build_image_transform(train=False).transforms]

@@ -88,11 +88,11 @@ def load_rgb_image(value, sample_id: str | None = None):
             image.load()
         # PIL signals undecodable data with many types (OSError, SyntaxError, ValueError,
         # DecompressionBombError, struct.error...): any failure to decode one sample is a skip.
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise SkippedSample("corrupt_image", f"{where}{type(err).__name__}: {err}") from err
     try:
         return to_rgb(image)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise SkippedSample("corrupt_image", f"{where}cannot convert {image.mode} to RGB: {err}") from err
 
 
