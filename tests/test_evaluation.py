@@ -201,9 +201,9 @@ def test_exported_scenes_load_like_the_generated_ones(tmp_path):
     from hf_vlm.evaluation.runner import load_eval_data
     from hf_vlm.scenes import export_imagefolder, export_webdataset, generate_scenes
 
-    generated = load_eval_data("scenes:test", num_samples=6)
-    rows = list(generate_scenes("test", 6))
-    export_webdataset(rows, tmp_path / "wds" / "test", samples_per_shard=4)
+    generated = load_eval_data("scenes:test", num_samples=5)
+    rows = list(generate_scenes("test", 5))
+    export_webdataset(rows, tmp_path / "wds" / "test", samples_per_shard=3)
     export_imagefolder(rows, tmp_path / "folder" / "test")
     for spec in (tmp_path / "wds", tmp_path / "wds" / "test" / "*.tar", tmp_path / "folder"):
         loaded = load_eval_data(str(spec))
@@ -266,28 +266,28 @@ def test_hf_vlm_eval_runs_blip2_caption_and_vqa_and_writes_the_results(blip2_che
     from hf_vlm.cli import main
     from hf_vlm.evaluation.runner import VQA_PROMPT, load_eval_data, load_model
 
-    assert main(["eval", str(blip2_checkpoint), "--task", "caption", "vqa", "--num-samples", "5",
-                 "--max-new-tokens", "6", "--batch-size", "64"]) == 0
+    assert main(["eval", str(blip2_checkpoint), "--task", "caption", "vqa", "--num-samples", "3",
+                 "--max-new-tokens", "4", "--batch-size", "64"]) == 0
     table = capsys.readouterr().out
     assert "cider" in table and "bleu4" in table and "vqa_accuracy/yes/no" in table
 
     results = load_results(blip2_checkpoint)
     assert set(results) == {"caption", "vqa"}
     caption, vqa = results["caption"], results["vqa"]
-    assert caption["data"] == "scenes:test" and caption["num_samples"] == 5 and caption["skipped"] == {}
+    assert caption["data"] == "scenes:test" and caption["num_samples"] == 3 and caption["skipped"] == {}
     assert 0 <= caption["metrics"]["cider"] <= 10 and 0 <= caption["metrics"]["bleu4"] <= 1
-    data = load_eval_data("scenes:test", num_samples=5)
+    data = load_eval_data("scenes:test", num_samples=3)
     assert vqa["num_samples"] == len(data.questions)
 
     # The recorded scores are those of the model's own generations, computed independently here.
     model, processor = load_model(str(blip2_checkpoint))
     with torch.inference_mode():
         inputs = processor(images=data.images, return_tensors="pt")
-        captions = processor.batch_decode(model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=6),
+        captions = processor.batch_decode(model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=4),
                                           skip_special_tokens=True)
         inputs = processor(images=[data.images[q.image_index] for q in data.questions],
                            text=[VQA_PROMPT.format(q.question) for q in data.questions], return_tensors="pt")
-        answers = processor.batch_decode(model.generate(**inputs, max_new_tokens=6), skip_special_tokens=True)
+        answers = processor.batch_decode(model.generate(**inputs, max_new_tokens=4), skip_special_tokens=True)
     assert [e["prediction"] for e in caption["examples"]] == [c.strip() for c in captions]
     assert caption["metrics"] == pytest.approx(caption_metrics(captions, data.captions))
     assert vqa["metrics"] == pytest.approx(vqa_metrics(answers, [q.answers for q in data.questions],
@@ -303,3 +303,59 @@ def test_tasks_a_model_cannot_do_are_refused_by_name(blip2_checkpoint):
         evaluate(model, processor, data, "zero-shot")
     with pytest.raises(ValueError, match="unknown task 'detection'"):
         evaluate(model, processor, data, "detection")
+
+
+@pytest.fixture(scope="module")
+def coca_checkpoint(tmp_path_factory):
+    import torch
+    from transformers import AutoModel, CLIPImageProcessor
+
+    import hf_vlm  # noqa: F401
+    from hf_vlm.modeling.coca import CocaProcessor
+    from hf_vlm.presets import get_config
+    from hf_vlm.scenes import generate_scenes
+    from hf_vlm.testing import TINY_CORPUS
+    from hf_vlm.tokenization import train_coca_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("coca-tiny")
+    corpus = TINY_CORPUS + [row["caption"] for row in generate_scenes("train", 200)]
+    tokenizer = train_coca_tokenizer(corpus, vocab_size=96, model_max_length=32)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CocaProcessor(image_processor, tokenizer).save_pretrained(path)
+    AutoModel.from_config(get_config("coca-tiny")).save_pretrained(path)
+    return path
+
+
+def test_hf_vlm_eval_runs_coca_caption_zero_shot_and_retrieval(coca_checkpoint, capsys):
+    import torch
+
+    from hf_vlm.cli import main
+    from hf_vlm.evaluation.runner import load_eval_data, load_model
+
+    output = coca_checkpoint / "results" / "coca.json"
+    output.parent.mkdir()
+    assert main(["eval", str(coca_checkpoint), "--num-samples", "12", "--max-new-tokens", "5",
+                 "--output", str(output)]) == 0  # default tasks: all CoCa does
+    assert "image_to_text_R@10" in capsys.readouterr().out
+    results = load_results(output)
+    assert set(results) == {"caption", "zero-shot", "retrieval"}
+    zero_shot, retrieval = results["zero-shot"]["metrics"], results["retrieval"]["metrics"]
+    assert results["zero-shot"]["num_classes"] == 12 and results["zero-shot"]["template"] == "a large {}"
+    assert 0 <= zero_shot["top1"] <= zero_shot["top5"] <= 1
+    for direction in ("image_to_text", "text_to_image"):
+        assert 0 <= retrieval[f"{direction}_R@1"] <= retrieval[f"{direction}_R@5"] <= retrieval[f"{direction}_R@10"] <= 1
+
+    # The same numbers from the model's own forward (logits_per_image), not the feature path the runner uses.
+    model, processor = load_model(str(coca_checkpoint))
+    data = load_eval_data("scenes:test", num_samples=12)
+    prompts = [f"a large {name}" for name in data.class_names]
+    captions = list(dict.fromkeys(c for refs in data.captions for c in refs))
+    with torch.inference_mode():
+        logits = model(**processor(images=data.images, text=prompts, return_tensors="pt", padding=True)).logits_per_image
+        assert zero_shot["top1"] == pytest.approx((logits.argmax(-1) == torch.tensor(data.labels)).float().mean().item())
+        logits = model(**processor(images=data.images, text=captions, return_tensors="pt", padding=True,
+                                 truncation=True)).logits_per_image
+        best_text = [captions[i] for i in logits.argmax(-1).tolist()]
+        assert retrieval["image_to_text_R@1"] == pytest.approx(
+            np.mean([text in refs for text, refs in zip(best_text, data.captions)]))

@@ -221,7 +221,8 @@ def text_embeddings(model, processor, texts: Sequence[str], *, batch_size: int =
     chunks = []
     with torch.inference_mode():
         for batch in _batches(texts, batch_size, "text features"):
-            inputs = _to_device(processor(text=list(batch), return_tensors="pt", padding=True), model)
+            # Truncated to the tokenizer's model_max_length, as CLIP-style evaluations do.
+            inputs = _to_device(processor(text=list(batch), return_tensors="pt", padding=True, truncation=True), model)
             output = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
             chunks.append(output.pooler_output.float())
     return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
