@@ -169,3 +169,6 @@ def _check_heads(name: str, hidden_size: int, num_heads: int) -> None:
 
 
 __all__ = ["CocaConfig", "CocaMultimodalConfig", "CocaTextConfig", "CocaVisionConfig"]
+
+# save_pretrained copies this file and writes `auto_map`, so saved models load without hf_vlm.
+CocaConfig.register_for_auto_class()

@@ -392,6 +392,14 @@ class CocaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CocaModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `register_for_auto_class` maps one Auto class; CoCa also serves these two pipelines' Auto classes.
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            **{auto_class: "modeling_coca.CocaModel" for auto_class in _TASK_AUTO_CLASSES},
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
         super()._set_gradient_checkpointing(enable, *args, **kwargs)
         if hasattr(self, "vision_model"):
@@ -551,6 +559,32 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
     # --------------------------------------------------------------------------------------- generation
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, **kwargs):
+        """Caption `pixel_values` (transformers' `generate`: greedy, beams, sampling; KV cache by default).
+
+        `input_ids` is an optional prompt. A prompt encoded like a caption (`<start> text <end>`, as the
+        processor gives it) is continued after its text: its end token is dropped and right padding becomes
+        left padding. Without a prompt, captions start from the start-of-text token.
+        """
+        if input_ids is not None:
+            input_ids, attention_mask = self._prompt_layout(input_ids, attention_mask)
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **kwargs)
+
+    def _prompt_layout(self, input_ids, attention_mask):
+        eos_id, pad_id = self.config.text_config.eos_token_id, self.config.text_config.pad_token_id
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        rows = []
+        for ids, keep in zip(input_ids, mask):
+            ids = ids[keep]
+            rows.append(ids[:-1] if len(ids) > 1 and ids[-1] == eos_id else ids)
+        length = max(len(ids) for ids in rows)
+        prompt = input_ids.new_full((len(rows), length), pad_id if pad_id is not None else 0)
+        prompt_mask = torch.zeros_like(prompt)
+        for i, ids in enumerate(rows):
+            prompt[i, length - len(ids):] = ids
+            prompt_mask[i, length - len(ids):] = 1
+        return prompt, prompt_mask
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The text passes two stacks and cross-attends to image tokens: a DynamicCache sized from one
         # sub-config would not fit, so the default dynamic cache is ours (layers are created lazily).
@@ -563,14 +597,18 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
 
 def _gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """All ranks' features, concatenated in rank order; gradients flow back to each rank's own slice, so
-    a world of W ranks x B samples gives the loss and gradients of one rank with W x B samples."""
+    a world of W ranks x B samples gives the loss and (DDP-averaged) gradients of one rank with W x B."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return features
-    from torch.distributed.nn.functional import all_gather
+    try:  # torch >= 2.15: the differentiable functional collective (torch.distributed.nn's is deprecated)
+        from torch.distributed._functional_collectives import all_gather_single
+    except ImportError:
+        from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(features), dim=0)
+        return torch.cat(all_gather(features), dim=0)
+    return all_gather_single(features.contiguous(), 0, dist.group.WORLD)
 
 
 def _contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor):
@@ -580,5 +618,10 @@ def _contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, log
     targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return (F.cross_entropy(logits_per_image.float(), targets) + F.cross_entropy(logits_per_image.t().float(), targets)) / 2
 
+
+_TASK_AUTO_CLASSES = ("AutoModelForZeroShotImageClassification", "AutoModelForImageTextToText")
+
+# save_pretrained copies the modeling files and writes `auto_map`: saved models load without hf_vlm.
+CocaModel.register_for_auto_class("AutoModel")
 
 __all__ = ["CocaModel", "CocaOutput", "CocaPreTrainedModel"]
