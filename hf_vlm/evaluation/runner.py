@@ -78,7 +78,7 @@ def load_eval_data(spec: str = "scenes:test", *, num_samples: int | None = None,
     for index in range(len(dataset)):
         try:
             row = dataset[index]
-        except Exception:  # an undecodable image raises on access: skip the row, counted
+        except (OSError, SyntaxError, ValueError):  # PIL's errors for an undecodable image: skipped, counted
             data.skip("undecodable image")
             continue
         row = {**(row.pop("json", None) or {}), **row}  # a webdataset sample's .json fields are columns too
@@ -122,8 +122,8 @@ def _load_files(spec: str, split: str | None):
         if not shards and not has_metadata:
             raise FileNotFoundError(f"--data {spec}: the folder has neither metadata.jsonl/metadata.csv "
                                     "(imagefolder) nor .tar shards (webdataset)")
-        loaded = (datasets.load_dataset("webdataset", data_files=shards) if shards
-                  else datasets.load_dataset("imagefolder", data_dir=str(path)))
+        # data_dir: split folders (train/, test/, ...) become splits
+        loaded = datasets.load_dataset("webdataset" if shards else "imagefolder", data_dir=str(path))
     elif (path.is_file() and path.suffix == ".tar") or shards:
         loaded = datasets.load_dataset("webdataset", data_files=shards or [str(path)])
     else:
