@@ -181,6 +181,18 @@ def test_push_refuses_a_repo_that_holds_other_content(hub, bert_checkpoint, tmp_
     assert _lfs_puts(hub) == puts_before  # refused before any upload
 
 
+def test_push_refuses_a_checkpoint_that_does_not_load_cleanly(hub, bert_checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(bert_checkpoint / "model.safetensors")
+    del weights["pooler.dense.weight"]
+    save_file(weights, bert_checkpoint / "model.safetensors", metadata={"format": "pt"})
+
+    with pytest.raises(HubPushError, match=r"does not load cleanly as BertModel \(missing_keys: pooler.dense.weight\)"):
+        push_to_hub(bert_checkpoint, "org/bert-tiny")
+    assert hub.requests == []  # checked before anything is sent
+
+
 def test_interrupted_upload_leaves_no_commit_and_a_retry_completes(hub, bert_checkpoint):
     push_to_hub(bert_checkpoint, "org/bert-tiny")  # an existing release that must survive the failed push
     before = hub.commit_ids("org/bert-tiny")
@@ -207,12 +219,19 @@ MODEL_OUTPUTS = textwrap.dedent('''
     import torch
 
     def model_outputs(model, inputs):
-        model.eval()
-        with torch.no_grad():
-            out = model(**inputs)
-            result = {k: v for k, v in out.items()
-                      if k in ("logits", "logits_per_image", "image_embeds", "text_embeds") and torch.is_tensor(v)}
-            result["generated"] = model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=4, do_sample=False)
+        # One thread: the same reduction order in every process, so equal weights give bit-equal outputs.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model.eval()
+            with torch.no_grad():
+                out = model(**inputs)
+                result = {k: v for k, v in out.items()
+                          if k in ("logits", "logits_per_image", "image_embeds", "text_embeds") and torch.is_tensor(v)}
+                result["generated"] = model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=4,
+                                                     do_sample=False)
+        finally:
+            torch.set_num_threads(threads)
         return result
 ''')
 

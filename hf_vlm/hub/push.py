@@ -64,18 +64,26 @@ def stage_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, max_shar
     if any(output_dir.iterdir()):
         raise HubPushError(f"staging folder {output_dir} is not empty")
 
-    # save_pretrained rewrites the weights' metadata: keep the provenance a converter recorded there.
-    base_model = base_model or read_weight_headers(checkpoint)[3] or None
     config = AutoConfig.from_pretrained(checkpoint)
     ours = any(f.model_type == config.model_type for f in FAMILIES)
-    model = model_class_for(config).from_pretrained(checkpoint, dtype="auto")
-    model.save_pretrained(output_dir, max_shard_size=max_shard_size)
-
     if ours and not _processor_files(checkpoint):
         raise HubPushError(
             f"{checkpoint} has no processor files (processor_config.json / preprocessor_config.json / tokenizer); "
             "save the processor next to the model (processor.save_pretrained(folder)) so the Hub repo is usable"
         )
+    # save_pretrained rewrites the weights' metadata: keep the provenance a converter recorded there.
+    base_model = base_model or read_weight_headers(checkpoint)[3] or None
+
+    cls = model_class_for(config)
+    model, loading = cls.from_pretrained(checkpoint, dtype="auto", output_loading_info=True)
+    problems = {kind: sorted(loading.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        details = "; ".join(f"{kind}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
+                            for kind, keys in problems.items() if keys)
+        raise HubPushError(f"{checkpoint} does not load cleanly as {cls.__name__} ({details}); refusing to publish "
+                           "weights that would be dropped or freshly initialized")
+    model.save_pretrained(output_dir, max_shard_size=max_shard_size)
+
     if _processor_files(checkpoint):
         try:
             processor = AutoProcessor.from_pretrained(checkpoint)
@@ -90,10 +98,13 @@ def stage_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, max_shar
             f"save_pretrained wrote no remote code for {type(model).__name__} (config.json has no auto_map): "
             "the model class must call register_for_auto_class so trust_remote_code=True loading works"
         )
-    if (checkpoint / EVAL_RESULTS_FILE).is_file():
-        shutil.copy2(checkpoint / EVAL_RESULTS_FILE, output_dir / EVAL_RESULTS_FILE)
-    write_card(output_dir, output_dir / "README.md", repo_id=repo_id, base_model=base_model,
-               eval_results=eval_results)
+    # The eval results travel with the weights (the card's model-index is built from them).
+    results = Path(eval_results) if eval_results else checkpoint / EVAL_RESULTS_FILE
+    if eval_results and not results.is_file():
+        raise HubPushError(f"eval results file {results} does not exist")
+    if results.is_file():
+        shutil.copy2(results, output_dir / EVAL_RESULTS_FILE)
+    write_card(output_dir, output_dir / "README.md", repo_id=repo_id, base_model=base_model)
     return sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if p.is_file())
 
 
