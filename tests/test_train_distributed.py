@@ -211,9 +211,10 @@ def coca_resumed(assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("coca_resumed")
     out = tmp / "out"
     killed = launch(tmp, "pretrain", _coca_args(assets, out), kill_at=6, name="killed")
+    checkpoints_after_kill = sorted(p.name for p in out.glob("checkpoint-*"))
     resumed = launch(tmp, "pretrain", [*_coca_args(assets, out), "--resume_from_checkpoint", str(out / "checkpoint-4")],
                      name="resumed")
-    return out, killed, resumed
+    return out, killed, checkpoints_after_kill, resumed
 
 
 @pytest.fixture(scope="module")
@@ -289,9 +290,9 @@ def test_corrupt_image_and_empty_caption_are_skipped_and_counted(coca_zero2):
 
 
 def test_sigkill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(coca_zero2, coca_resumed):
-    out, killed, resumed = coca_resumed
-    assert killed.returncode != 0  # SIGKILL at step 6: only checkpoint-4 was written
-    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-8").exists()
+    out, killed, checkpoints_after_kill, resumed = coca_resumed
+    assert killed.returncode != 0 and "SIGKILL" in killed.stdout + killed.stderr
+    assert checkpoints_after_kill == ["checkpoint-4"]  # killed at step 6, before the step-8 save
     check(resumed)
     reference, result = weights(coca_zero2), weights(out)
     assert reference.keys() == result.keys()
@@ -367,3 +368,96 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------ contrastive loss over ranks
+
+RANKS_SCRIPT = '''
+"""Each of 2 gloo ranks computes the contrastive loss on its half of a fixed batch and backpropagates;
+gradients are averaged over ranks as data parallelism does. Rank 0 saves the results."""
+import sys
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[2])
+from contrastive_cases import CASES, build
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+results = {}
+for name in CASES:
+    model, batch, loss_name = build(name)
+    half = batch["pixel_values"].shape[0] // world
+    local = {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
+    loss = getattr(model(**local, return_loss=True), loss_name)
+    loss.backward()
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            grads[n] = p.grad / world
+    results[name] = {"rank_losses": torch.stack(losses), "grads": grads}
+if rank == 0:
+    torch.save(results, sys.argv[1])
+dist.destroy_process_group()
+'''
+
+CASES_MODULE = '''
+"""The models and the fixed 2B batch of the contrastive-loss test (shared by both sides of the comparison)."""
+import torch
+
+CASES = ("coca", "blip2-stage1")
+BATCH = 6  # 2 ranks x 3
+
+
+def build(name):
+    from hf_vlm.presets import get_config
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if name == "coca":
+        from hf_vlm.modeling.coca import CocaModel
+        model, loss_name, vocab, start, end = CocaModel(get_config("coca-tiny")), "contrastive_loss", 96, 3, 1
+    else:
+        from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForPretraining
+        model, loss_name, vocab, start, end = Blip2FlanT5ForPretraining(get_config("blip2-tiny")), "itc_loss", 250, 2, 3
+    model.eval()  # no dropout: both sides compute the same function
+    size = model.config.vision_config.image_size
+    ids = torch.randint(5, vocab, (BATCH, 10), generator=g)
+    ids[:, 0], ids[:, -1] = start, end
+    batch = {"pixel_values": torch.randn(BATCH, 3, size, size, generator=g), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids)}
+    return model, batch, loss_name
+'''
+
+
+def test_contrastive_loss_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    """CoCa's contrastive loss and BLIP-2's ITC gather features from all ranks with gradient: 2 ranks x B
+    give the loss and (rank-averaged) gradients of one process on the concatenated 2B batch."""
+    (tmp_path / "contrastive_cases.py").write_text(CASES_MODULE)
+    (tmp_path / "ranks.py").write_text(RANKS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(tmp_path / "ranks.py"), str(tmp_path / "ranks.pt"), str(tmp_path)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    distributed = torch.load(tmp_path / "ranks.pt")
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from contrastive_cases import CASES, build
+    finally:
+        sys.path.remove(str(tmp_path))
+    for name in CASES:
+        model, batch, loss_name = build(name)
+        loss = getattr(model(**batch, return_loss=True), loss_name)
+        loss.backward()
+        ranks = distributed[name]
+        # Every rank holds the loss of the whole gathered batch.
+        torch.testing.assert_close(ranks["rank_losses"].mean(), loss.detach(), rtol=1e-5, atol=1e-6)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == ranks["grads"].keys(), name
+        for n, grad in grads.items():
+            torch.testing.assert_close(ranks["grads"][n], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {n}")
+        print(f"{name}: {loss_name} {loss.item():.6f} on 1 x {batch['input_ids'].shape[0]} == mean over 2 ranks "
+              f"{ranks['rank_losses'].tolist()}; {len(grads)} gradients equal")

@@ -139,11 +139,26 @@ def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], pro
         names = {f.name for f in fields(dtype) if f.init}
         outputs.append(dtype(**{k: v for k, v in vars(namespace).items() if k in names}))
     _, model_args, data_args, training_args = outputs
+    _min_lr_as_rate(training_args)
     if not data_args.train_data:
         raise SystemExit(f"{prog}: --train_data is required (one or more PATH[@WEIGHT] sources)")
     if data_args.streaming and training_args.max_steps <= 0:
         raise SystemExit(f"{prog}: --streaming needs --max_steps (a stream has no length)")
     return recipe, model_args, data_args, training_args
+
+
+def _min_lr_as_rate(training_args) -> None:
+    """`cosine_with_min_lr` with {"min_lr": X}: transformers computes X / optimizer.defaults["lr"], and the
+    DeepSpeed ZeRO optimizers have no `defaults` (AttributeError at scheduler creation). The same schedule
+    is {"min_lr_rate": X / learning_rate}, which needs no optimizer attribute."""
+    kwargs = training_args.lr_scheduler_kwargs
+    if str(training_args.lr_scheduler_type.value if hasattr(training_args.lr_scheduler_type, "value")
+           else training_args.lr_scheduler_type) != "cosine_with_min_lr":
+        return
+    if isinstance(kwargs, dict) and "min_lr" in kwargs:
+        kwargs = dict(kwargs)
+        kwargs["min_lr_rate"] = kwargs.pop("min_lr") / training_args.learning_rate
+        training_args.lr_scheduler_kwargs = kwargs
 
 
 # --------------------------------------------------------------------------------------------------
