@@ -58,6 +58,9 @@ DATA_RECIPES = {
         text_role="input_ids",
         max_length=32,
         tokenizer_attribute="qformer_tokenizer",
+        # Fixed length, as LAVIS pads the Q-Former text: ITM all-gathers the token ids over ranks, and
+        # ranks with different "longest" lengths would break that collective.
+        padding="max_length",
         return_loss=True,
     ),
     "blip2-stage2": DataRecipe(
