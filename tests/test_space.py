@@ -163,3 +163,356 @@ def test_hf_vlm_space_refuses_to_start_without_any_model(tmp_path, monkeypatch, 
     monkeypatch.delenv(space.COCA_ENV, raising=False)
     assert main(["space", "--port", "7999"]) == 2
     assert "no model to serve" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ the launched app
+
+
+def save_tiny_blip2(path: Path, t5_tokenizer_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor
+    from hf_vlm.presets import get_config
+
+    config = get_config("blip2-tiny")
+    torch.manual_seed(0)
+    model = Blip2FlanT5ForConditionalGeneration(config)
+    processor = Blip2FlanT5Processor.from_tokenizers(AutoTokenizer.from_pretrained(t5_tokenizer_dir),
+                                                     image_size=config.vision_config.image_size)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_coca(path: Path) -> Path:
+    import torch
+
+    from hf_vlm.modeling.coca import CocaModel, CocaProcessor
+    from hf_vlm.presets import get_config
+    from hf_vlm.testing import TINY_CORPUS
+    from hf_vlm.tokenization import train_coca_tokenizer
+
+    config = get_config("coca-tiny")
+    torch.manual_seed(0)
+    model = CocaModel(config)
+    tokenizer = train_coca_tokenizer(TINY_CORPUS, vocab_size=config.text_config.vocab_size)
+    processor = CocaProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+ENDPOINTS = {"/caption", "/answer", "/classify", "/retrieve"}
+GREEDY = ("greedy", space.NUM_BEAMS[2], space.MAX_NEW_TOKENS[2], space.TEMPERATURE[2], space.TOP_P[2])
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory, t5_tokenizer_dir) -> dict[str, Path]:
+    """Randomly initialised tiny BLIP-2 and CoCa checkpoints (model + processor), saved like real ones."""
+    root = tmp_path_factory.mktemp("space_checkpoints")
+    return {"blip2": save_tiny_blip2(root / "blip2", t5_tokenizer_dir), "coca": save_tiny_coca(root / "coca")}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints) -> space.SpaceModels:
+    """The same checkpoints loaded in the test process: what the app's answers are compared with."""
+    return space.load_models(blip2=str(tiny_checkpoints["blip2"]), coca=str(tiny_checkpoints["coca"]))
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_checkpoints):
+    """spaces/app.py, run as the Space runs it (models named by the environment), served on 127.0.0.1."""
+    import runpy
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(space.BLIP2_ENV, str(tiny_checkpoints["blip2"]))
+        env.setenv(space.COCA_ENV, str(tiny_checkpoints["coca"]))
+        demo = runpy.run_path(str(SPACE_DIR / "app.py"))["demo"]  # not __main__: builds, does not launch
+    _, url, _ = space.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def scene_png(tmp_path_factory) -> Path:
+    from hf_vlm.scenes import sample_scene, scene_seed
+
+    path = tmp_path_factory.mktemp("images") / "scene.png"
+    sample_scene(scene_seed("test", 7)).render().resize((128, 128), Image.Resampling.NEAREST).save(path)
+    return path
+
+
+def direct_text(loaded: space.LoadedModel, image_path: Path, prompt: str | None = None, **gen_kwargs) -> str:
+    """What the checkpoint generates for this image, called without the app."""
+    import torch
+
+    image = Image.open(image_path).convert("RGB")
+    inputs = loaded.processor(images=image, return_tensors="pt", **({"text": prompt} if prompt else {}))
+    extra = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]} if prompt else {}
+    with torch.inference_mode():
+        token_ids = loaded.model.generate(pixel_values=inputs["pixel_values"], **extra, **gen_kwargs)
+    return loaded.processor.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
+
+
+def direct_probabilities(loaded: space.LoadedModel, image_path: Path, labels: list[str], template: str) -> list[float]:
+    import torch
+
+    image = Image.open(image_path).convert("RGB")
+    inputs = loaded.processor(images=image, text=[template.format(label) for label in labels], return_tensors="pt",
+                              padding=True)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              pixel_values=inputs["pixel_values"]).logits_per_image
+    return logits[0].softmax(-1).tolist()
+
+
+def test_the_app_exposes_one_api_endpoint_per_task(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(endpoints) == ENDPOINTS
+
+
+def test_caption_endpoint_returns_both_models_captions(client, models, scene_png):
+    from gradio_client import handle_file
+
+    blip2_caption, coca_caption, notice = client.predict(handle_file(str(scene_png)), *GREEDY, api_name="/caption")
+    greedy = {"max_new_tokens": GREEDY[2], "num_beams": 1, "do_sample": False}
+    assert blip2_caption == direct_text(models.blip2, scene_png, **greedy)
+    assert coca_caption == direct_text(models.coca, scene_png, **greedy)
+    assert blip2_caption and coca_caption  # random tiny models still say something with these seeds
+    assert notice == ""
+
+    beams = client.predict(handle_file(str(scene_png)), "beam search", 3, 6, 1.0, 0.9, api_name="/caption")
+    assert beams[:2] == (direct_text(models.blip2, scene_png, max_new_tokens=6, num_beams=3),
+                         direct_text(models.coca, scene_png, max_new_tokens=6, num_beams=3))
+
+    sampled = client.predict(handle_file(str(scene_png)), "nucleus sampling", 1, 4, 0.8, 0.9, api_name="/caption")
+    for caption, loaded in zip(sampled[:2], (models.blip2, models.coca)):
+        assert isinstance(caption, str)
+        assert len(loaded.processor.tokenizer(caption, add_special_tokens=False)["input_ids"]) <= 4 + 1
+
+
+def test_answer_endpoint_asks_blip2_with_the_vqa_prompt(client, models, scene_png):
+    from gradio_client import handle_file
+
+    answer, prompt, notice = client.predict(handle_file(str(scene_png)), "  what color is   the circle? ", *GREEDY,
+                                            api_name="/answer")
+    assert prompt == "Question: what color is the circle? Short answer:"
+    assert answer == direct_text(models.blip2, scene_png, prompt, max_new_tokens=GREEDY[2], num_beams=1)
+    assert notice == ""
+
+
+def test_classify_endpoint_returns_a_probability_per_label(client, models, scene_png):
+    from gradio_client import handle_file
+
+    labels = ["red circle", "blue square", "green triangle", "yellow circle"]
+    template = "a large {}"
+    top, chart, notice = client.predict(handle_file(str(scene_png)), ", ".join(labels) + ", red circle", template,
+                                        api_name="/classify")
+    confidences = {item["label"]: item["confidence"] for item in top["confidences"]}
+    assert set(confidences) == set(labels)  # the duplicate is gone
+    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-5)
+    expected = dict(zip(labels, direct_probabilities(models.coca, scene_png, labels, template)))
+    assert confidences == pytest.approx(expected, abs=1e-5)
+    assert top["label"] == max(expected, key=expected.get)
+    assert chart["mark"] == "bar" and chart["columns"] == ["label", "probability"]
+    assert dict(chart["data"]) == pytest.approx(expected, abs=1e-5)
+    assert notice == ""
+
+
+def test_retrieve_endpoint_ranks_the_uploaded_images_by_the_query(client, models, tmp_path):
+    import torch
+    from gradio_client import handle_file
+
+    paths = [Path(e.image_path) for e in space.write_examples(tmp_path)]
+    query = "a large red circle"
+    ranked, notice = client.predict([{"image": handle_file(str(p))} for p in paths], query, api_name="/retrieve")
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    inputs = models.coca.processor(images=images, text=[query], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        probs = models.coca.model(**inputs).logits_per_text[0].softmax(-1).tolist()
+    order = sorted(range(len(paths)), key=lambda i: -probs[i])
+    assert [Path(item["image"]).name for item in ranked] == [paths[i].name for i in order]
+    assert [item["caption"] for item in ranked] == [f"{rank}. {probs[i]:.1%}" for rank, i in enumerate(order, 1)]
+    assert notice == ""
+
+
+def test_an_enormous_image_is_downscaled_with_a_visible_notice(client, models, tmp_path):
+    from gradio_client import handle_file
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (4000, 2000), "red").save(big)
+    *_, notice = client.predict(handle_file(str(big)), *GREEDY, api_name="/caption")
+    assert notice == f"Note: the image was downscaled from 4000×2000 to {space.MAX_IMAGE_SIDE}×512 pixels."
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "arguments", "message"),
+    [
+        ("/caption", (None, *GREEDY), "No image: upload one"),
+        ("/caption", ("NOT_AN_IMAGE", *GREEDY), "notes.png is not a readable image"),
+        ("/caption", ("HUGE", *GREEDY), "huge.png is 10000×6000 pixels"),
+        ("/caption", ("IMAGE", "beam search", 99, 8, 1.0, 0.9), "greater than maximum value 8"),
+        ("/answer", ("IMAGE", "", *GREEDY), "The question is empty"),
+        ("/answer", ("IMAGE", "why? " * 100, *GREEDY), "characters long; the limit is 200"),
+        ("/classify", ("IMAGE", " , ", "a photo of a {}."), "No labels"),
+        ("/classify", ("IMAGE", "cat, dog", "a photo"), "must contain `{}` exactly once"),
+        ("/retrieve", ([], "a red circle"), "No images: upload a few"),
+        ("/retrieve", (["IMAGE"] * (space.MAX_RETRIEVAL_IMAGES + 1), "a red circle"), "at most 16 are searched"),
+        ("/retrieve", (["IMAGE", "NOT_AN_IMAGE"], "a red circle"), "notes.png is not a readable image"),
+        ("/retrieve", (["IMAGE"], "  "), "The query is empty"),
+    ],
+)
+def test_bad_input_gets_a_message_not_a_traceback(client, scene_png, tmp_path, endpoint, arguments, message):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "huge.png").write_bytes(png_header_claiming(10_000, 6_000))
+    files = {"IMAGE": scene_png, "NOT_AN_IMAGE": tmp_path / "notes.png", "HUGE": tmp_path / "huge.png"}
+
+    def upload(value):
+        if isinstance(value, list):  # a gallery
+            return [{"image": upload(item)} for item in value]
+        return handle_file(str(files[value])) if isinstance(value, str) and value in files else value
+
+    arguments = [upload(value) for value in arguments]
+    with pytest.raises(AppError) as error:
+        client.predict(*arguments, api_name=endpoint)
+    assert message in str(error.value)
+    assert "Traceback" not in str(error.value)
+
+
+def test_hf_vlm_space_serves_the_app_with_the_models_named_by_the_environment(tiny_checkpoints, models, scene_png,
+                                                                            monkeypatch, capsys):
+    """The command runs as a user runs it (blocking in `launch`), here in a thread so the test can call it
+    and then stop it."""
+    import socket
+    import threading
+
+    from gradio_client import Client, handle_file
+
+    from hf_vlm.cli import main
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv(space.BLIP2_ENV, str(tiny_checkpoints["blip2"]))
+    monkeypatch.setenv(space.COCA_ENV, str(tiny_checkpoints["coca"]))
+    built, build_demo = [], space.build_demo
+
+    def build_and_keep(*args, **kwargs):  # the real build; the test keeps the app to stop it at the end
+        built.append(build_demo(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(space, "build_demo", build_and_keep)
+    exit_codes = []
+    command = threading.Thread(target=lambda: exit_codes.append(main(["space", "--port", str(port)])), daemon=True)
+    command.start()
+    try:
+        if not wait_for_port(port, command):
+            pytest.fail(f"hf-vlm space did not serve on port {port}:\n{capsys.readouterr()}")
+        blip2_caption, coca_caption, _ = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            handle_file(str(scene_png)), *GREEDY, api_name="/caption")
+    finally:
+        for demo in built:
+            demo.close()  # ends `launch`'s blocking loop: the command returns
+        command.join(timeout=60)
+    greedy = {"max_new_tokens": GREEDY[2], "num_beams": 1}
+    assert blip2_caption == direct_text(models.blip2, scene_png, **greedy)
+    assert coca_caption == direct_text(models.coca, scene_png, **greedy)
+    assert exit_codes == [0]
+    assert f"BLIP-2: {tiny_checkpoints['blip2']} (cpu, float32)" in capsys.readouterr().out
+
+
+def wait_for_port(port: int, thread, timeout: float = 180) -> bool:
+    """True once something listens on 127.0.0.1:`port`; False if `thread` died or `timeout` passed (a guard
+    against a hung start, not a speed check)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+# ------------------------------------------------------------------------------ a real browser (Chromium)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    """A page of the app in Debian's headless Chromium (Playwright's own browser download is not used)."""
+    from hf_vlm.testing import require, require_executable
+
+    chromium = require_executable("chromium", "make system-deps (apt-get install -y chromium)")
+    sync_api = require("playwright.sync_api", "pip install playwright (part of hf-vlm[dev])")
+    with sync_api.sync_playwright() as playwright:
+        # --no-sandbox: the tests may run as root; --disable-dev-shm-usage: containers have a tiny /dev/shm.
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(app_url)
+        yield page
+        browser.close()
+
+
+@pytest.mark.browser
+def test_in_the_browser_a_visitor_captions_asks_and_classifies(page, models, scene_png):
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    greedy = {"max_new_tokens": GREEDY[2], "num_beams": 1}
+
+    page.get_by_role("tab", name="Caption").click()
+    page.locator("#caption-image input[type=file]").set_input_files(str(scene_png))
+    page.click("#caption-button")
+    expect(page.locator("#blip2-caption textarea")).to_have_value(direct_text(models.blip2, scene_png, **greedy))
+    expect(page.locator("#coca-caption textarea")).to_have_value(direct_text(models.coca, scene_png, **greedy))
+    page.screenshot(path=ARTIFACTS / "space-caption.png", full_page=True)
+
+    page.get_by_role("tab", name="Visual question answering").click()
+    page.locator("#vqa-image input[type=file]").set_input_files(str(scene_png))
+    page.fill("#vqa-question textarea", "how many shapes are there?")
+    page.click("#vqa-button")
+    prompt = "Question: how many shapes are there? Short answer:"
+    expect(page.locator("#vqa-prompt textarea")).to_have_value(prompt)
+    expect(page.locator("#vqa-answer textarea")).to_have_value(direct_text(models.blip2, scene_png, prompt, **greedy))
+    page.screenshot(path=ARTIFACTS / "space-vqa.png", full_page=True)
+
+    page.get_by_role("tab", name="Zero-shot classification").click()
+    page.locator("#zero-shot-image input[type=file]").set_input_files(str(scene_png))
+    labels = ["red circle", "blue square", "green triangle"]
+    page.fill("#zero-shot-labels textarea", ", ".join(labels))
+    template = page.locator("#zero-shot-template textarea").input_value()
+    page.click("#zero-shot-button")
+    probabilities = direct_probabilities(models.coca, scene_png, labels, template)
+    expect(page.locator("#zero-shot-label")).to_contain_text(labels[probabilities.index(max(probabilities))])
+    expect(page.locator("#zero-shot-chart canvas, #zero-shot-chart svg").first).to_be_visible()
+    page.screenshot(path=ARTIFACTS / "space.png", full_page=True)
+
+
+@pytest.mark.browser
+def test_in_the_browser_examples_load_with_one_click_and_errors_are_shown(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.reload()
+    page.get_by_role("tab", name="Visual question answering").click()
+    page.click("#vqa-button")  # nothing uploaded yet
+    expect(page.get_by_text("No image: upload one, or click an example.")).to_be_visible()
+
+    examples = space.write_examples(tmp_path)  # the same scenes the app drew at startup
+    page.locator("tr").filter(has_text=examples[0].question).first.click()
+    expect(page.locator("#vqa-question textarea")).to_have_value(examples[0].question)
+    expect(page.locator("#vqa-image img")).to_be_visible()
