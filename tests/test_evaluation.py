@@ -206,7 +206,7 @@ def test_exported_scenes_load_like_the_generated_ones(tmp_path):
     export_webdataset(rows, tmp_path / "wds" / "test", samples_per_shard=3)
     export_webdataset(rows[:1], tmp_path / "wds" / "train")  # the folder's test split is the one evaluated
     export_imagefolder(rows, tmp_path / "folder" / "test")
-    for spec in (tmp_path / "wds", tmp_path / "folder"):
+    for spec in (tmp_path / "wds", tmp_path / "wds" / "test" / "*.tar", tmp_path / "folder"):
         loaded = load_eval_data(str(spec))
         assert loaded.captions == generated.captions
         assert loaded.questions == generated.questions

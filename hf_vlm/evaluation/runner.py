@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import glob
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,28 +66,35 @@ class EvalData:
 
 def load_eval_data(spec: str = "scenes:test", *, num_samples: int | None = None, split: str | None = None,
                    scene_image_size: int | None = None, class_names: Sequence[str] | None = None) -> EvalData:
-    """The evaluation set named by `spec` (see the module docstring), at most `num_samples` images."""
+    """The evaluation set named by `spec` (see the module docstring): its first `num_samples` rows
+    (all when None). Files are streamed, so a large corpus is read only as far as needed."""
+    import datasets
+
     if spec == "scenes" or spec.startswith("scenes:"):
         return _load_scenes(spec, num_samples, scene_image_size)
     dataset = _load_files(spec, split)
-    if num_samples is not None:
-        dataset = dataset.select(range(min(num_samples, len(dataset))))
+    features = dataset.features or {}
+    image_column = next((c for c in IMAGE_COLUMNS if c in features), None)
+    if features and image_column is None:
+        raise ValueError(f"--data {spec}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); "
+                         f"columns: {', '.join(features)}")
+    if image_column is not None:  # decoded here, so that a corrupt image is counted instead of raising
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    names = list(class_names) if class_names else getattr(features.get("label"), "names", None)
     data = EvalData(name=spec)
-    label_feature = dataset.features.get("label")
-    names = list(class_names) if class_names else getattr(label_feature, "names", None)
     label_names: dict[int, str] = {}
-    for index in range(len(dataset)):
-        try:
-            row = dataset[index]
-        except (OSError, SyntaxError, ValueError):  # PIL's errors for an undecodable image: skipped, counted
-            data.skip("undecodable image")
-            continue
+    for row in dataset if num_samples is None else dataset.take(num_samples):
         row = {**(row.pop("json", None) or {}), **row}  # a webdataset sample's .json fields are columns too
-        image = next((row[c] for c in IMAGE_COLUMNS if row.get(c) is not None), None)
-        if image is None:
+        value = row.get(image_column) if image_column else next((row[c] for c in IMAGE_COLUMNS if c in row), None)
+        if value is None:
             data.skip("no image")
             continue
-        _add_row(data, image.convert("RGB"), row)
+        try:
+            image = _decode_image(value)
+        except (OSError, SyntaxError, ValueError):  # what PIL raises for an undecodable image
+            data.skip("undecodable image")
+            continue
+        _add_row(data, image, row)
         if row.get("label_name") is not None and data.labels[-1] is not None:
             label_names[data.labels[-1]] = row["label_name"]
     if names is None and label_names:
@@ -97,6 +105,16 @@ def load_eval_data(spec: str = "scenes:test", *, num_samples: int | None = None,
             data.labels = [None if label is None else names.index(label_names[label]) for label in data.labels]
     data.class_names = names
     return data
+
+
+def _decode_image(value):
+    """An RGB PIL image from a PIL image or an undecoded `datasets.Image` value ({"bytes", "path"})."""
+    from PIL import Image
+
+    if isinstance(value, dict):
+        value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        value.load()
+    return value.convert("RGB")
 
 
 def _load_scenes(spec: str, num_samples: int | None, image_size: int | None) -> EvalData:
@@ -123,9 +141,9 @@ def _load_files(spec: str, split: str | None):
             raise FileNotFoundError(f"--data {spec}: the folder has neither metadata.jsonl/metadata.csv "
                                     "(imagefolder) nor .tar shards (webdataset)")
         # data_dir: split folders (train/, test/, ...) become splits
-        loaded = datasets.load_dataset("webdataset" if shards else "imagefolder", data_dir=str(path))
+        loaded = datasets.load_dataset("webdataset" if shards else "imagefolder", data_dir=str(path), streaming=True)
     elif (path.is_file() and path.suffix == ".tar") or shards:
-        loaded = datasets.load_dataset("webdataset", data_files=shards or [str(path)])
+        loaded = datasets.load_dataset("webdataset", data_files=shards or [str(path)], streaming=True)
     else:
         raise FileNotFoundError(f"--data {spec}: no such folder or .tar shard (or use scenes:SPLIT)")
     if split is not None:
