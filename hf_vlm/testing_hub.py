@@ -255,7 +255,7 @@ class LocalHub:
             raise HubError(403, f"You don't have the rights to create a repository under {namespace}")
         with self._lock:
             if (repo_type, repo_id) in self.repos:
-                raise HubError(409, "You already created this model repo", headers={"X-Error-Message": "exists"})
+                raise HubError(409, f"You already created this {repo_type} repo: {repo_id}")
             private = payload.get("private", payload.get("visibility") == "private")
             repo = Repo(repo_type, repo_id, bool(private), _now())
             # Like the Hub, a new repository starts with one commit holding .gitattributes.

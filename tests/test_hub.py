@@ -140,6 +140,27 @@ def test_private_repo_is_invisible_without_the_token(hub, bert_checkpoint):
         HfApi(token=BOB_TOKEN).model_info("alice/secret-bert")
 
 
+def test_local_hub_applies_a_commit_entirely_or_not_at_all(hub):
+    """The endpoint's guarantee the push relies on: a commit naming an LFS object that never arrived is
+    rejected as a whole, so its regular files do not land either."""
+    import base64
+
+    from huggingface_hub.utils import get_session
+
+    HfApi().create_repo("org/atomic")
+    before = hub.commit_ids("org/atomic")
+    lines = [{"key": "header", "value": {"summary": "half a commit"}},
+             {"key": "file", "value": {"path": "config.json", "encoding": "base64",
+                                       "content": base64.b64encode(b"{}").decode()}},
+             {"key": "lfsFile", "value": {"path": "model.safetensors", "algo": "sha256", "oid": "0" * 64, "size": 8}}]
+    response = get_session().post(f"{hub.url}/api/models/org/atomic/commit/main",
+                                  headers={"Authorization": f"Bearer {TOKEN}"}, content="".join(json.dumps(line) + "\n" for line in lines))
+
+    assert response.status_code == 422 and "was never uploaded" in response.json()["error"]
+    assert hub.commit_ids("org/atomic") == before
+    assert "config.json" not in hub.repo("org/atomic").commits[before[0]].files
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Failures: clear errors, nothing half-done
 # ------------------------------------------------------------------------------------------------------------
