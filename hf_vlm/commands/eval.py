@@ -67,7 +67,7 @@ def register(subparsers) -> None:
                              "otherwise 'a photo of a {}.')")
     parser.add_argument("--vqa-prompt", default=VQA_PROMPT, help=f"VQA prompt with {{}} for the question "
                                                                  f"(default {VQA_PROMPT!r})")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64, help="images (or questions) per forward pass")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 20 for captions, 10 for VQA")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -190,7 +190,7 @@ def _to_device(inputs, model):
     return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
 
 
-def generate_captions(model, processor, images: Sequence, *, batch_size: int = 16, max_new_tokens: int = 20,
+def generate_captions(model, processor, images: Sequence, *, batch_size: int = 64, max_new_tokens: int = 20,
                       num_beams: int = 1) -> list[str]:
     import torch
 
@@ -205,7 +205,7 @@ def generate_captions(model, processor, images: Sequence, *, batch_size: int = 1
 
 
 def answer_questions(model, processor, images: Sequence, questions: Sequence[str], *, prompt: str = VQA_PROMPT,
-                     batch_size: int = 16, max_new_tokens: int = 10, num_beams: int = 1) -> list[str]:
+                     batch_size: int = 64, max_new_tokens: int = 10, num_beams: int = 1) -> list[str]:
     import torch
 
     answers = []
@@ -248,7 +248,7 @@ def text_embeddings(model, processor, texts: Sequence[str], *, batch_size: int =
 
 # ------------------------------------------------------------------------------------- tasks
 
-def evaluate(model, processor, data: EvalData, task: str, *, batch_size: int = 16, max_new_tokens: int | None = None,
+def evaluate(model, processor, data: EvalData, task: str, *, batch_size: int = 64, max_new_tokens: int | None = None,
              num_beams: int = 1, vqa_prompt: str = VQA_PROMPT, zero_shot_template: str | None = None) -> dict:
     """Run `task` on `data`; returns the results entry: {"metrics": {...}, "num_samples", "skipped", ...}."""
     model_type = getattr(model.config, "model_type", None)
