@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps lint test
+.PHONY: setup system-deps lint test demo
 
 ## setup: create .venv (if missing) and install hf-vlm with its dev extras, plus system packages
 setup: $(STAMP)
@@ -28,3 +28,9 @@ lint: setup
 ## test: setup, lint, then every test (slow, distributed and browser ones included)
 test: setup system-deps lint
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+## demo: train small CoCa and BLIP-2 models on synthetic scenes, evaluate them, serve the Space
+## (DEMO_ARGS="--no-serve" for a non-interactive run, "--force" to retrain)
+DEMO_ARGS ?=
+demo: setup
+	$(VENV)/bin/hf-vlm demo $(DEMO_ARGS)
