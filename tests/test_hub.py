@@ -342,6 +342,11 @@ def _pull_script(published, repo_ids, trust_remote_code: bool, snippet_index: in
             f"torch.save(model_outputs(model, inputs), 'outputs-{name}.pt')",
             f"exec(compile({_snippets(published['cards'][repo_id])[snippet_index]!r}, 'snippet-{name}', 'exec'), {{}})",
             f"print('SNIPPET OK', {repo_id!r})",
+            # the whole repository, as huggingface_hub's snapshot_download sees it
+            "from pathlib import Path",
+            "from huggingface_hub import snapshot_download",
+            f"snapshot = Path(snapshot_download({repo_id!r}))",
+            f"print('SNAPSHOT', {repo_id!r}, sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob('*') if p.is_file()))",
         ]
     return "\n".join(lines)
 
@@ -375,6 +380,14 @@ def test_card_usage_snippets_run_against_the_pushed_repos(published, fresh_pull)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for repo_id in ROUND_TRIP:
         assert f"SNIPPET OK {repo_id}" in proc.stdout
+
+
+def test_snapshot_download_gets_every_pushed_file(published, fresh_pull):
+    proc, _ = fresh_pull
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for repo_id in ROUND_TRIP:
+        pushed = sorted(published["hub"].repo(repo_id).history("main")[0].files)
+        assert f"SNAPSHOT {repo_id} {pushed}" in proc.stdout
 
 
 def test_trust_remote_code_pull_without_hf_vlm(published):

@@ -175,6 +175,8 @@ def test_card_command_errors_name_the_problem(tmp_path, capsys):
     folder = _config_only_checkpoint(tmp_path, "blip2-tiny")
     assert cli(["card", str(folder), "--variant", "blip2-flan-t5-xxl"]) == 1
     assert "unknown variant 'blip2-flan-t5-xxl'" in capsys.readouterr().err
+    assert cli(["card", str(folder), "--variant", "coca-large-v2"]) == 1  # a card never borrows another family's facts
+    assert "variant 'coca-large-v2' is a coca model; this checkpoint is 'blip2_flant5'" in capsys.readouterr().err
 
 
 def test_provenance_recorded_in_the_weights_becomes_base_model_and_survives_staging(tmp_path):

@@ -529,6 +529,9 @@ def render_card(checkpoint: str | Path, repo_id: str | None = None, *, base_mode
         variant = next((name for name, v in variants.items() if v.get("preset") == facts.preset), None)
     elif variant not in variants:
         raise KeyError(f"unknown variant {variant!r}; model_cards/variants.json has: {', '.join(variants)}")
+    elif variants[variant]["family"] != family_name:
+        raise ValueError(f"variant {variant!r} is a {variants[variant]['family']} model; this checkpoint is "
+                         f"{facts.model_type!r}")
     facts_of_variant = variants.get(variant) if variant else None
 
     eval_path = Path(eval_results) if eval_results else folder / EVAL_RESULTS_FILE

@@ -11,6 +11,10 @@
    upload fails, the commit is never sent: the repository keeps its previous head.
 
 The token is passed to huggingface_hub and never printed or put in an error message.
+
+Endpoint: HF_ENDPOINT (huggingface.co by default). With `hf_xet` installed, huggingface_hub uploads LFS content
+through Xet storage and does not fall back to classic LFS by itself; for an endpoint that only speaks classic
+LFS (a self-hosted mirror, hf_vlm.testing_hub.LocalHub) set HF_HUB_DISABLE_XET=1.
 """
 
 from __future__ import annotations
