@@ -221,7 +221,7 @@ def models(tiny_checkpoints) -> space.SpaceModels:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_checkpoints):
+def app_demo(tiny_checkpoints):
     """spaces/app.py, run as the Space runs it (models named by the environment), served on 127.0.0.1."""
     import runpy
 
@@ -229,9 +229,14 @@ def app_url(tiny_checkpoints):
         env.setenv(space.BLIP2_ENV, str(tiny_checkpoints["blip2"]))
         env.setenv(space.COCA_ENV, str(tiny_checkpoints["coca"]))
         demo = runpy.run_path(str(SPACE_DIR / "app.py"))["demo"]  # not __main__: builds, does not launch
-    _, url, _ = space.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
-    yield url
+    space.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    yield demo
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(app_demo) -> str:
+    return app_demo.local_url
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +282,33 @@ def direct_probabilities(loaded: space.LoadedModel, image_path: Path, labels: li
 def test_the_app_exposes_one_api_endpoint_per_task(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(endpoints) == ENDPOINTS
+
+
+def test_model_calls_are_queued_one_at_a_time(app_demo):
+    model_events = [fn for fn in app_demo.fns.values() if fn.api_name in {name[1:] for name in ENDPOINTS}]
+    assert len(model_events) == len(ENDPOINTS)
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in model_events} == {("models", space.CONCURRENCY_LIMIT)}
+    assert app_demo._queue.max_size == space.MAX_QUEUE_SIZE
+
+
+def test_models_load_in_bfloat16_where_a_gpu_would_run_them(tiny_checkpoints, monkeypatch, scene_png):
+    """On a GPU the Space loads bf16 weights; simulated on the CPU: the app feeds them matching inputs."""
+    import torch
+
+    assert space.device_and_dtype() == (torch.device("cpu"), torch.float32)  # this machine has no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert space.device_and_dtype() == (torch.device("cuda"), torch.bfloat16)
+
+    monkeypatch.setattr(space, "device_and_dtype", lambda: (torch.device("cpu"), torch.bfloat16))
+    models = space.load_models(blip2=str(tiny_checkpoints["blip2"]), coca=str(tiny_checkpoints["coca"]))
+    assert models.blip2.dtype == models.coca.dtype == torch.bfloat16
+    app = space.SpaceApp(models)
+    image = Image.open(scene_png)
+    short = ("greedy", 1, 4, 1.0, 1.0)
+    blip2_caption, coca_caption, _ = app.caption(image, *short, progress=lambda *args, **kwargs: None)
+    assert isinstance(blip2_caption, str) and isinstance(coca_caption, str)
+    top, chart, _ = app.classify(image, "red circle, blue square", "a large {}")
+    assert sum(top.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_caption_endpoint_returns_both_models_captions(client, models, scene_png):
