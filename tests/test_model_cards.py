@@ -126,7 +126,8 @@ def test_card_numbers_come_from_the_checkpoint_files(tmp_path, t5_tokenizer_dir)
 def test_eval_results_are_read_tolerantly_and_skips_are_counted(tmp_path):
     from hf_vlm.evaluation import save_results
 
-    save_results(tmp_path, "caption", {"metrics": {"cider": 1.25, "bleu4": 0.5}, "data": "coco:val", "num_samples": 10})
+    save_results(tmp_path, "caption", {"metrics": {"cider": 1.25, "bleu4": 0.5}, "data": "coco:val", "num_samples": 10,
+                                       "skipped": {"no caption": 2}})
     save_results(tmp_path, "retrieval", {"metrics": {"image_to_text": {"R@1": 0.5, "R@5": 1.0}}, "data": "coco:val"})
     legacy = json.loads((tmp_path / "eval_results.json").read_text())
     legacy["vqa"] = {"accuracy": 0.625, "dataset": {"name": "VQAv2", "type": "HuggingFaceM4/VQAv2", "split": "val"}}
@@ -145,6 +146,7 @@ def test_eval_results_are_read_tolerantly_and_skips_are_counted(tmp_path):
         ("zero-shot-image-classification", "top5"): (0.875, "unspecified", None),
     }
     assert summary.skipped == ["zero-shot.top1 ('n/a' is not a number)"]
+    assert summary.samples == {"caption": "10 samples (skipped: 2 no caption)"}  # the evaluation's own counts
 
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="broken.json is not valid JSON"):

@@ -293,13 +293,15 @@ METRIC_NAMES = {"cider": "CIDEr", "bleu4": "BLEU-4", "bleu-4": "BLEU-4", "bleu_4
                 "top1": "Top-1 accuracy", "top5": "Top-5 accuracy", "meteor": "METEOR", "rouge_l": "ROUGE-L",
                 "spice": "SPICE"}
 _EVAL_METADATA_KEYS = {"dataset", "data", "split", "num_samples", "num_examples", "samples", "config", "model",
-                       "model_type", "checkpoint", "revision", "date", "evaluated_at", "notes"}
+                       "model_type", "checkpoint", "revision", "date", "evaluated_at", "notes", "skipped",
+                       "num_classes", "num_texts", "template", "prompt"}
 
 
 @dataclass
 class EvalSummary:
     results: list  # huggingface_hub.EvalResult
     skipped: list[str]  # entries that are not numbers, with where they were
+    samples: dict[str, str] = field(default_factory=dict)  # task -> "N samples; skipped: ..." (the evaluation's counts)
 
 
 def _dataset_fields(value, split) -> dict:
@@ -331,7 +333,7 @@ def read_eval_results(path: str | Path) -> EvalSummary:
         raise ValueError(f"{path} must hold a JSON object {{task: {{metric: value}}}}, got {type(data).__name__}")
     default_dataset = data.get("dataset", data.get("data"))
     default_split = data.get("split")
-    results, skipped = [], []
+    results, skipped, samples = [], [], {}
     for task, entry in data.items():
         if task in _EVAL_METADATA_KEYS:
             continue
@@ -342,6 +344,10 @@ def read_eval_results(path: str | Path) -> EvalSummary:
         dataset = _dataset_fields(entry.get("dataset", entry.get("data", default_dataset)),
                                   entry.get("split", default_split))
         metrics = entry["metrics"] if isinstance(entry.get("metrics"), dict) else entry
+        if isinstance(entry.get("num_samples"), int):
+            dropped = entry.get("skipped") or {}
+            dropped = ", ".join(f"{n} {why}" for why, n in dropped.items()) if isinstance(dropped, dict) else str(dropped)
+            samples[task] = f"{entry['num_samples']:,} samples" + (f" (skipped: {dropped})" if dropped else "")
         flat: dict[str, Any] = {}
         for key, value in metrics.items():
             if key in _EVAL_METADATA_KEYS:
@@ -361,7 +367,7 @@ def read_eval_results(path: str | Path) -> EvalSummary:
             ))
     if skipped:
         logger.warning("%s: skipped %d entries that are not metric values: %s", path, len(skipped), "; ".join(skipped))
-    return EvalSummary(results, skipped)
+    return EvalSummary(results, skipped, samples)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -503,6 +509,8 @@ def _evaluation_section(evaluation: EvalSummary) -> str:
     for r in evaluation.results:
         lines.append(f"| {r.task_name} | {r.dataset_name} | {r.dataset_split or ''} | {r.metric_name} | "
                      f"{r.metric_value:.4g} |")
+    if evaluation.samples:
+        lines += [""] + [f"- {task}: {text}" for task, text in evaluation.samples.items()]
     if evaluation.skipped:
         lines += ["", f"{len(evaluation.skipped)} entries of eval_results.json are not numbers and are not shown: "
                       + "; ".join(evaluation.skipped)]
