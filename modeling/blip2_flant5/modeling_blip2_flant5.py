@@ -367,6 +367,8 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Blip2FlanT5QFormerLayer", "EvaBlock", "T5Block"]
     # The Q-Former and its queries stay fp32 when a checkpoint is loaded in fp16 (as in transformers' BLIP-2).
     _keep_in_fp32_modules = ["query_tokens", "qformer"]
+    # Our losses are batch means: the Trainer must scale them for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     def _build_vision_and_qformer(self, config: Blip2FlanT5Config, with_text_path: bool):
         self.vision_model = _create_vision_model(config.vision_config)
@@ -443,15 +445,36 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
 # Stage 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient for this rank's slice (LAVIS's
+    GatherLayer). Written out because torch.distributed.nn.all_gather's backward on gloo (all_to_all) returns
+    wrong gradients when the incoming gradient comes from an einsum, as in our similarity (seen with torch 2.15)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        import torch.distributed as dist
+
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        ctx.rank, ctx.batch = dist.get_rank(), tensor.shape[0]
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        import torch.distributed as dist
+
+        grad_output = grad_output.contiguous()
+        dist.all_reduce(grad_output)
+        return grad_output[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
 def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from all ranks, keeping the gradient path to every rank's copy (no-op on one process)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    import torch.distributed.nn
-
-    return torch.cat(torch.distributed.nn.all_gather(tensor.contiguous()), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -749,6 +772,7 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
         image_features, inputs_embeds, encoder_attention_mask = self._encoder_inputs(
             pixel_values, input_ids, attention_mask
         )
+        kwargs.pop("num_items_in_batch", None)  # losses are means (see accepts_loss_kwargs)
         if labels is not None:
             # Padding in the targets is not a prediction target (T5's pad id is also its decoder start id).
             labels = labels.masked_fill(labels == self.config.text_config.pad_token_id, -100)
