@@ -548,3 +548,20 @@ def test_in_the_browser_examples_load_with_one_click_and_errors_are_shown(page, 
     page.locator("tr").filter(has_text=examples[0].question).first.click()
     expect(page.locator("#vqa-question textarea")).to_have_value(examples[0].question)
     expect(page.locator("#vqa-image img")).to_be_visible()
+
+
+@pytest.mark.browser
+def test_in_the_browser_a_visitor_searches_uploaded_images_by_text(page, tmp_path):
+    from playwright.sync_api import expect
+
+    examples = space.write_examples(tmp_path)
+    page.reload()
+    page.get_by_role("tab", name="Retrieval").click()
+    page.locator("#retrieval-images input[type=file]").set_input_files([e.image_path for e in examples])
+    page.fill("#retrieval-query textarea", examples[1].caption)
+    page.click("#retrieval-button")
+    ranked = page.locator("#retrieval-ranked")
+    for rank in range(1, len(examples) + 1):
+        expect(ranked).to_contain_text(f"{rank}. ")
+    expect(ranked.locator("img")).to_have_count(len(examples))
+    page.screenshot(path=ARTIFACTS / "space-retrieval.png", full_page=True)
