@@ -160,6 +160,11 @@ def test_generation_continues_a_prompt_and_left_pads_batched_prompts():
     torch.testing.assert_close(together[1, 4:], alone[1])
 
 
+def test_static_cache_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="dynamic cache only"):
+        tiny_model().generate(pixel_values=torch.randn(1, 3, 32, 32), max_new_tokens=2, cache_implementation="static")
+
+
 def test_sampling_is_batched_and_seeded():
     model = tiny_model()
     pixel_values = torch.randn(2, 3, 32, 32)
@@ -194,14 +199,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()  # transformers' API (what Trainer calls)
             assert model.vision_model.trunk.grad_checkpointing
+            assert all(layer.gradient_checkpointing for layer in model.text_model.layers)
         out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_deprecated_gradient_checkpointing_alias_reaches_every_stack():
+    model = tiny_model()
+    with pytest.warns(FutureWarning):
+        model.gradient_checkpointing_enable()
+    assert model.vision_model.trunk.grad_checkpointing
+    assert all(layer.self_attn_block.gradient_checkpointing and layer.cross_attn_block.gradient_checkpointing
+               for layer in model.text_decoder.layers)
+    model.activation_checkpointing_disable()
+    assert not model.vision_model.trunk.grad_checkpointing
 
 
 def test_sdpa_and_eager_attention_agree():

@@ -588,8 +588,12 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The text passes two stacks and cross-attends to image tokens: a DynamicCache sized from one
         # sub-config would not fit, so the default dynamic cache is ours (layers are created lazily).
-        if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
-                and generation_config.cache_implementation in (None, "dynamic")):
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"CocaModel supports the dynamic cache only, not cache_implementation="
+                    f"{generation_config.cache_implementation!r}"
+                )
             model_kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
