@@ -284,20 +284,31 @@ def _require(loaded: LoadedModel | None, title: str, env_var: str) -> LoadedMode
 
 
 def _generate_text(loaded: LoadedModel, image: Image.Image, prompt: str | None, gen_kwargs: dict) -> str:
+    """One decoded generation for `image`; `prompt` (BLIP-2's VQA question) or None (a caption)."""
     import torch
 
-    processor_kwargs = {"images": image, "return_tensors": "pt"}
-    if prompt is not None:
-        processor_kwargs["text"] = prompt
-    processor = loaded.processor
-    inputs = processor(**processor_kwargs)
+    inputs = loaded.processor(images=image, return_tensors="pt", **({} if prompt is None else {"text": prompt}))
     model_inputs = {"pixel_values": inputs["pixel_values"].to(loaded.device, loaded.dtype)}
     if prompt is not None:
-        model_inputs["input_ids"] = inputs["input_ids"].to(loaded.device)
-        model_inputs["attention_mask"] = inputs["attention_mask"].to(loaded.device)
+        model_inputs.update(input_ids=inputs["input_ids"].to(loaded.device),
+                            attention_mask=inputs["attention_mask"].to(loaded.device))
     with torch.inference_mode():
         token_ids = loaded.model.generate(**model_inputs, **gen_kwargs)
-    return processor.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
+    return loaded.processor.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
+
+
+def _logits_per_image(loaded: LoadedModel, images: list, texts: list[str]):
+    """CoCa's scaled image-text similarities, [len(images), len(texts)], in fp32."""
+    import torch
+
+    inputs = loaded.processor(images=images, text=texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        outputs = loaded.model(
+            input_ids=inputs["input_ids"].to(loaded.device),
+            attention_mask=inputs["attention_mask"].to(loaded.device),
+            pixel_values=inputs["pixel_values"].to(loaded.device, loaded.dtype),
+        )
+    return outputs.logits_per_image.float().cpu()
 
 
 class SpaceApp:
@@ -335,31 +346,19 @@ class SpaceApp:
     @_visible_errors
     def classify(self, image, labels_text, template):
         import pandas as pd
-        import torch
 
         image, notice = prepare_image(image)
         labels = parse_labels(labels_text)
         template = check_template(template)
         loaded = _require(self.models.coca, "CoCa", COCA_ENV)
-        inputs = loaded.processor(
-            images=image, text=[template.format(label) for label in labels], return_tensors="pt", padding=True
-        )
-        with torch.inference_mode():
-            outputs = loaded.model(
-                input_ids=inputs["input_ids"].to(loaded.device),
-                attention_mask=inputs["attention_mask"].to(loaded.device),
-                pixel_values=inputs["pixel_values"].to(loaded.device, loaded.dtype),
-            )
-        probs = outputs.logits_per_image[0].float().softmax(-1).tolist()
+        logits_per_image = _logits_per_image(loaded, [image], [template.format(label) for label in labels])
+        probs = logits_per_image[0].softmax(-1).tolist()
         chart = pd.DataFrame({"label": labels, "probability": probs})
         return dict(zip(labels, probs)), chart, notice
-
 
     @_visible_errors
     def retrieve(self, gallery, query):
         """Rank the uploaded images by CoCa's similarity to the text query (text-to-image retrieval)."""
-        import torch
-
         paths = [item[0] if isinstance(item, (tuple, list)) else item for item in (gallery or [])]
         if not paths:
             raise gr.Error("No images: upload a few images to search among.")
@@ -375,14 +374,7 @@ class SpaceApp:
             if notice:
                 notices.append(f"{Path(path).name}: {notice}")
         loaded = _require(self.models.coca, "CoCa", COCA_ENV)
-        inputs = loaded.processor(images=images, text=[query], return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            outputs = loaded.model(
-                input_ids=inputs["input_ids"].to(loaded.device),
-                attention_mask=inputs["attention_mask"].to(loaded.device),
-                pixel_values=inputs["pixel_values"].to(loaded.device, loaded.dtype),
-            )
-        probs = outputs.logits_per_text[0].float().softmax(-1).tolist()
+        probs = _logits_per_image(loaded, images, [query])[:, 0].softmax(-1).tolist()
         ranking = sorted(range(len(paths)), key=lambda i: -probs[i])
         ranked = [(paths[i], f"{rank}. {probs[i]:.1%}") for rank, i in enumerate(ranking, start=1)]
         return ranked, "\n\n".join(notices)
