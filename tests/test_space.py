@@ -136,6 +136,16 @@ def test_models_come_from_the_environment_then_the_demo_checkpoints(tmp_path, mo
     assert space.model_source(space.BLIP2_ENV, "blip2") == "org/blip2-flan-t5-xl"
 
 
+def test_the_demo_coca_gets_the_scenes_zero_shot_template_and_other_checkpoints_clips(tmp_path, monkeypatch):
+    from hf_vlm import scenes
+
+    monkeypatch.setenv(space.DEMO_DIR_ENV, str(tmp_path))
+    demo_coca = space.LoadedModel(model=None, processor=None, source=str(space.demo_checkpoint("coca")))
+    hub_coca = space.LoadedModel(model=None, processor=None, source="org/coca-large-v2")
+    assert space.SpaceModels(blip2=None, coca=demo_coca).zero_shot_template() == scenes.ZERO_SHOT_TEMPLATE
+    assert space.SpaceModels(blip2=None, coca=hub_coca).zero_shot_template() == space.ZERO_SHOT_TEMPLATE
+
+
 def test_space_readme_has_the_front_matter_the_hub_reads():
     from huggingface_hub import SpaceCard
 
