@@ -22,6 +22,9 @@ Xet: huggingface_hub >= 1.0 uploads LFS content through Xet storage whenever `hf
 classic LFS only, so clients pointed at it run with `HF_HUB_DISABLE_XET=1` (see `LocalHub.client_env`).
 It never sends Xet headers, so downloads take the plain HTTP path.
 
+In tests: `with LocalHub(tokens={token: user}, orgs={user: [org]}) as hub: hub.point_client_here(monkeypatch,
+tmp_path, token)`; subprocesses get `hub.client_env(token)` in their environment.
+
 Fault injection for tests: `fail_next_lfs_uploads(n, keep_bytes)` makes the next n LFS PUTs arrive
 truncated (the server answers 400 IncompleteBody, as S3 does, and stores nothing).
 """
@@ -37,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -193,6 +197,26 @@ class LocalHub:
         if token is not None:
             env["HF_TOKEN"] = token
         return env
+
+    def point_client_here(self, monkeypatch, hf_home, token: str | None = None) -> None:
+        """Make huggingface_hub in THIS process (and subprocesses, through the environment) use this server:
+        online mode, classic LFS, a private HF home. huggingface_hub reads its environment at import time, so
+        its `constants` are patched too. `monkeypatch` is pytest's (undone at the end of the test)."""
+        import huggingface_hub.constants as constants
+
+        for key, value in {**self.client_env(token), "HF_HOME": str(hf_home)}.items():
+            monkeypatch.setenv(key, value)
+        if token is None:
+            monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setattr(constants, "ENDPOINT", self.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", self.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Path(hf_home) / "hub"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(Path(hf_home) / "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(Path(hf_home) / "stored_tokens"))
 
     # ---- test hooks and inspection ---------------------------------------------------------------
     def fail_next_lfs_uploads(self, count: int = 1, keep_bytes: int = 64) -> None:

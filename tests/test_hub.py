@@ -34,30 +34,10 @@ TOKEN = "hf_local_alice_write_0123456789"  # a token of the local endpoint only
 BOB_TOKEN = "hf_local_bob_write_9876543210"
 
 
-def _point_client_at(hub: LocalHub, mp: pytest.MonkeyPatch, hf_home: Path, token: str | None = TOKEN) -> None:
-    """Online mode, this endpoint, classic LFS (no Xet), a private HF home: env for subprocesses, and
-    huggingface_hub.constants for this process (huggingface_hub reads the environment at import time)."""
-    import huggingface_hub.constants as constants
-
-    for key, value in {**hub.client_env(token), "HF_HOME": str(hf_home)}.items():
-        mp.setenv(key, value)
-    if token is None:
-        mp.delenv("HF_TOKEN", raising=False)
-    mp.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    mp.setattr(constants, "ENDPOINT", hub.url)
-    mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    mp.setattr(constants, "HF_HUB_OFFLINE", False)
-    mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    mp.setattr(constants, "HF_HOME", str(hf_home))
-    mp.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-    mp.setattr(constants, "HF_TOKEN_PATH", str(hf_home / "token"))
-    mp.setattr(constants, "HF_STORED_TOKENS_PATH", str(hf_home / "stored_tokens"))
-
-
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
     with LocalHub(tokens={TOKEN: "alice", BOB_TOKEN: "bob"}, orgs={"alice": ["org"]}) as server:
-        _point_client_at(server, monkeypatch, tmp_path / "hf_home")
+        server.point_client_here(monkeypatch, tmp_path / "hf_home", TOKEN)
         yield server
 
 
@@ -311,7 +291,7 @@ def published(tmp_path_factory, t5_tokenizer_dir):
     with LocalHub(tokens={TOKEN: "alice"}, orgs={"alice": ["org"]}) as server:
         references, cards = {}, {}
         with pytest.MonkeyPatch.context() as mp:
-            _point_client_at(server, mp, root / "pusher_home")
+            server.point_client_here(mp, root / "pusher_home", TOKEN)
             for repo_id, build in ROUND_TRIP.items():
                 folder = root / repo_id.split("/")[1]
                 model, inputs = build(folder, t5_tokenizer_dir)
