@@ -199,3 +199,14 @@ def test_provenance_recorded_in_the_weights_becomes_base_model_and_survives_stag
     files = stage_checkpoint(converted, staged)
     assert {"README.md", "config.json", "model.safetensors"} <= set(files)
     assert ModelCard.load(staged / "README.md").data.base_model == ["google-bert/bert-base-uncased"]
+
+
+def test_a_stage1_blip2_card_points_to_stage2_instead_of_snippets_that_would_not_run(tmp_path):
+    config = get_config("blip2-tiny")
+    config.architectures = ["Blip2FlanT5ForPretraining"]
+    config.save_pretrained(tmp_path / "stage1")
+
+    text = str(render_card(tmp_path / "stage1", "org/blip2-stage1"))
+    assert "```python" not in text
+    assert "This is a `Blip2FlanT5ForPretraining` checkpoint (stage 1" in text
+    assert 'Blip2FlanT5ForConditionalGeneration.from_stage1("org/blip2-stage1", language_model=...)' in text

@@ -569,6 +569,9 @@ def render_card(checkpoint: str | Path, repo_id: str | None = None, *, base_mode
     remote_auto_class = preferred if preferred in auto_map else next(
         (name for name in auto_map if name.startswith("AutoModel")), None)
     context = {
+        # The usage snippets are for the family's inference class; other classes (BLIP-2's stage-1
+        # Blip2FlanT5ForPretraining) get a pointer instead of code that would not run.
+        "usage": facts.architecture == family.get("usage_class", facts.architecture),
         "auto_class": preferred,
         "remote_auto_class": remote_auto_class,
         "repo_id": repo_id,
