@@ -194,15 +194,48 @@ def test_our_forwards_do_not_get_the_trainers_num_items_in_batch_scaling():
     assert forward_uses_num_items_in_batch(Normalising())
 
 
-@pytest.mark.parametrize("how", ["file", "module"])
-def test_scripts_run_as_files_from_any_directory_and_as_modules(how, tmp_path):
+@pytest.mark.parametrize("cmd", [
+    ["{root}/trainers/pretrain.py"], ["{root}/trainers/finetune.py"], ["-m", "hf_vlm.trainers.pretrain"],
+], ids=["pretrain.py", "finetune.py", "-m hf_vlm.trainers.pretrain"])
+def test_scripts_run_as_files_from_any_directory_and_as_modules(cmd, tmp_path):
+    """(`python -m hf_vlm.trainers.finetune` trains in test_finetune_vqa_runs_as_a_module below.)"""
+    cmd = [sys.executable, *(part.format(root=ROOT) for part in cmd), "--help"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for script in ("pretrain", "finetune"):
-        if how == "file":
-            cmd = [sys.executable, str(ROOT / "trainers" / f"{script}.py"), "--help"]
-        else:
-            cmd = [sys.executable, "-m", f"hf_vlm.trainers.{script}", "--help"]
-        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        for flag in ("--recipe", "--model", "--train_data", "--init_qformer_from", "--learning_rate", "--deepspeed"):
-            assert flag in result.stdout, (script, flag)
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for flag in ("--recipe", "--model", "--train_data", "--init_qformer_from", "--learning_rate", "--deepspeed"):
+        assert flag in result.stdout, flag
+
+
+def test_finetune_vqa_runs_as_a_module_with_the_vit_unfrozen_and_t5_frozen(tmp_path, t5_tokenizer_dir):
+    """LAVIS-style VQA fine-tuning (blip2-tiny-vqa: ViT trained, FlanT5 frozen) on image + question + answers
+    shards, single process, as `python -m hf_vlm.trainers.finetune`."""
+    from safetensors.torch import load_file
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration
+    from hf_vlm.presets import get_config
+    from hf_vlm.scenes import export_scenes
+
+    folders = export_scenes(tmp_path / "vqa", {"train": 8}, layout="vqa")
+    torch.manual_seed(0)
+    Blip2FlanT5ForConditionalGeneration(get_config("blip2-tiny")).save_pretrained(tmp_path / "initial")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "hf_vlm.trainers.finetune", "--recipe", "blip2-tiny-vqa",
+           "--model", str(tmp_path / "initial"), "--processor", str(t5_tokenizer_dir),
+           "--train_data", str(folders["train"]), "--output_dir", str(out), "--max_steps", "3",
+           "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no",
+           "--dataset_cache_dir", str(tmp_path / "cache")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    model = Blip2FlanT5ForConditionalGeneration.from_pretrained(out)
+    assert model.config.freeze_vision is False and model.config.freeze_language_model is True
+    initial, final = load_file(str(tmp_path / "initial" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    vision = [k for k in final if k.startswith("vision_model.")]
+    t5 = [k for k in final if k.startswith("language_model.") and k in initial]
+    assert vision and t5
+    assert any(not torch.equal(initial[k], final[k]) for k in vision)  # unfrozen: trained
+    assert all(torch.equal(initial[k], final[k]) for k in t5)  # frozen: bit-identical
+    losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(losses) == 3 and all(v == v and v > 0 for v in losses)

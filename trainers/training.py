@@ -197,7 +197,19 @@ def load_model(stage: Stage, model_args: ModelArguments):
         return model_class.from_stage1(model_args.init_qformer_from, language_model, **overrides)
     if model_args.model in list_presets():
         return model_class._from_config(get_config(model_args.model, **overrides))
-    return model_class.from_pretrained(model_args.model, **overrides)
+    model = model_class.from_pretrained(model_args.model, **overrides)
+    _keep_used_weight_conversions(model)
+    return model
+
+
+def _keep_used_weight_conversions(model) -> None:
+    """transformers 5.23 loading under ZeRO-3 (deepspeed.zero.Init) keeps every key-renaming rule on the model,
+    also the legacy `LayerNorm.gamma -> LayerNorm.weight` one that matched nothing; `save_pretrained` reverses
+    them, so every checkpoint of the run would name our Q-Former's LayerNorms `gamma`/`beta`. Keep only the
+    rules that were used, as transformers' ordinary loading path does."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if c.was_used()]
 
 
 def load_processor(model_args: ModelArguments):
