@@ -494,11 +494,17 @@ def wait_for_port(port: int, thread, timeout: float = 180) -> bool:
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
-    """A page of the app in Debian's headless Chromium (Playwright's own browser download is not used)."""
-    from hf_vlm.testing import require, require_executable
+def chromium() -> str:
+    from hf_vlm.testing import require_executable
 
-    chromium = require_executable("chromium", "make system-deps (apt-get install -y chromium)")
+    return require_executable("chromium", "make system-deps (apt-get install -y chromium)")
+
+
+@pytest.fixture(scope="module")
+def page(chromium, app_url):
+    """A page of the app in Debian's headless Chromium (Playwright's own browser download is not used)."""
+    from hf_vlm.testing import require
+
     sync_api = require("playwright.sync_api", "pip install playwright (part of hf-vlm[dev])")
     with sync_api.sync_playwright() as playwright:
         # --no-sandbox: the tests may run as root; --disable-dev-shm-usage: containers have a tiny /dev/shm.
