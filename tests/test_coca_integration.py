@@ -81,6 +81,7 @@ def test_trust_remote_code_without_hf_vlm_gives_identical_outputs(saved, tmp_pat
     path, model, processor = saved
     batch = inputs(processor)
     torch.save(dict(batch), tmp_path / "inputs.pt")
+    random_image(48, seed=7).save(tmp_path / "image.png")
     code = f"""
 import torch, transformers
 from transformers import AutoModel, AutoProcessor
@@ -93,8 +94,14 @@ images = batch["pixel_values"]
 with torch.no_grad():
     out = model(**batch, return_loss=True)
     captions = model.generate(pixel_values=images, max_new_tokens=6, num_beams=2)
+image = {str(tmp_path / "image.png")!r}
+zero_shot = transformers.pipeline("zero-shot-image-classification", model=path, trust_remote_code=True)
+scores = zero_shot(image, candidate_labels=["circle", "square"])
+caption = transformers.pipeline("image-text-to-text", model=path, trust_remote_code=True)
+generated = caption(images=image, text="a", max_new_tokens=4)
 torch.save(dict(loss=out.loss, logits=out.logits, logits_per_image=out.logits_per_image, captions=captions,
-                text=processor.batch_decode(captions, skip_special_tokens=True)), {str(tmp_path / "out.pt")!r})
+                text=processor.batch_decode(captions, skip_special_tokens=True), scores=scores,
+                generated=generated), {str(tmp_path / "out.pt")!r})
 """
     result = run_python_without_hf_vlm(code, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,6 +113,16 @@ torch.save(dict(loss=out.loss, logits=out.logits, logits_per_image=out.logits_pe
     assert torch.equal(remote["logits_per_image"], out.logits_per_image)
     assert torch.equal(remote["captions"], captions)
     assert remote["text"] == processor.batch_decode(captions, skip_special_tokens=True)
+    # the pipelines run from the remote code too, with the results of the in-package model
+    local_scores = transformers.pipeline("zero-shot-image-classification", model=str(path))(
+        str(tmp_path / "image.png"), candidate_labels=["circle", "square"]
+    )
+    assert [r["label"] for r in remote["scores"]] == [r["label"] for r in local_scores]
+    assert [r["score"] for r in remote["scores"]] == pytest.approx([r["score"] for r in local_scores], abs=1e-6)
+    local_caption = transformers.pipeline("image-text-to-text", model=str(path))(
+        images=str(tmp_path / "image.png"), text="a", max_new_tokens=4
+    )
+    assert remote["generated"] == local_caption
 
 
 def test_zero_shot_image_classification_pipeline(saved):

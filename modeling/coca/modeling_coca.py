@@ -368,6 +368,8 @@ class CocaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # the losses are per-batch means and ignore Trainer's `num_items_in_batch`: let Trainer scale them
+    accepts_loss_kwargs = False
     # timm's ViT block is called `Block`; the pooler stays whole (its queries attend all trunk tokens).
     _no_split_modules = ["CocaTextLayer", "CocaCrossAttentionLayer", "CocaAttentionalPooler", "Block"]
 
