@@ -111,6 +111,10 @@ def test_zero_shot_shapes_when_images_and_texts_do_not_pair_up():
     assert out.logits_per_image.shape == (1, 3) and out.logits is None
     with pytest.raises(ValueError, match="same batch size"):
         model(input_ids=input_ids, pixel_values=pixel_values[:1], return_loss=True)
+    with pytest.raises(ValueError, match="labels have shape"):
+        model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids[:, 1:])
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask[:, 1:])
 
 
 def naive_greedy(model, pixel_values, steps):

@@ -503,6 +503,11 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
             raise ValueError("CocaModel.forward needs input_ids, pixel_values or both")
         if use_cache and past_key_values is None:
             past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+            raise ValueError(
+                f"past_key_values must be an EncoderDecoderCache (self-attention of both text stacks + image K/V), "
+                f"got {type(past_key_values).__name__}"
+            )
         incremental = past_key_values is not None
 
         image_embeds = image_tokens = None
@@ -546,6 +551,10 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
             contrastive_loss = _contrastive_loss(image_embeds, text_embeds, self.logit_scale.exp())
             if labels is None:
                 labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+            elif labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels have shape {tuple(labels.shape)}, expected the input_ids layout {tuple(input_ids.shape)}"
+                )
             caption_loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
