@@ -13,6 +13,7 @@ source tensor has no place in our model. `convert_checkpoint` then
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from hf_vlm.conversion.errors import ConversionError, KeyMismatchError, ShapeMis
 from hf_vlm.conversion.reader import CheckpointReader
 from hf_vlm.conversion.writer import (
     DEFAULT_MAX_SHARD_SIZE,
+    SAFE_WEIGHTS_INDEX_NAME,
     ShardedSafetensorsWriter,
     TensorSpec,
     atomic_output_dir,
@@ -251,14 +253,13 @@ def convert_checkpoint(
     dtype: torch.dtype | str = torch.float32,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
-    config=None,
     processor=None,
     save_extra: Callable[[Path], None] | None = None,
     progress: bool = True,
 ) -> ConversionSummary:
     """Convert `reader`'s tensors with `rules` into a `from_pretrained` folder for `model` (a meta
-    model of the target class and config). Writes `config` (with `dtype`), `processor`, the model's
-    generation config and, for models registered for an Auto class, their code (trust_remote_code)."""
+    model of the target class and config), next to `processor` and what the model's own
+    save_pretrained writes besides weights (config with `dtype`, generation config, code)."""
     from tqdm.auto import tqdm
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -297,7 +298,7 @@ def convert_checkpoint(
         except BaseException:
             writer.abort()
             raise
-        _save_companions(folder, model, config, processor, save_extra, dtype)
+        _save_companions(folder, model, processor, save_extra, dtype)
         output_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
 
     summary = ConversionSummary(
@@ -320,23 +321,27 @@ def _numel(shape) -> int:
     return n
 
 
-def _save_companions(folder: Path, model, config, processor, save_extra, dtype) -> None:
-    """Everything next to the weights; config.json last, since it is what makes a folder loadable."""
+def _save_companions(folder: Path, model, processor, save_extra, dtype) -> None:
+    """Everything next to the weights; config.json last, since it is what makes a folder loadable.
+
+    A transformers model writes its own files with its own `save_pretrained`, weights left out
+    (`state_dict={}`): the config (with `dtype`), the generation config, and for a model registered
+    with `register_for_auto_class` its code and `auto_map`, so `trust_remote_code=True` works without
+    this package. It writes into a scratch folder because save_pretrained deletes shard files it did
+    not write itself."""
+    import shutil
+
     if processor is not None:
         processor.save_pretrained(folder)
     if save_extra is not None:
         save_extra(folder)
-    if config is None:
+    if not hasattr(model, "save_pretrained"):
         return
-    generation_config = getattr(model, "generation_config", None)
-    can_generate = getattr(model, "can_generate", lambda: False)()
-    if generation_config is not None and can_generate:
-        generation_config.save_pretrained(folder)
-    config.dtype = dtype
-    if getattr(model, "_auto_class", None) is not None:
-        # What save_pretrained does for models registered with register_for_auto_class: copy the
-        # modeling files and record auto_map, so trust_remote_code=True works without this package.
-        from transformers.dynamic_module_utils import custom_object_save
-
-        custom_object_save(model, folder, config=config)
-    config.save_pretrained(folder)
+    scratch = folder / ".model-files"
+    model.to(dtype).save_pretrained(scratch, state_dict={})  # meta tensors: changing dtype costs nothing
+    files = sorted(scratch.iterdir(), key=lambda p: p.name == "config.json")
+    for path in files:
+        if path.suffix == ".safetensors" or path.name == SAFE_WEIGHTS_INDEX_NAME:
+            raise RuntimeError(f"save_pretrained wrote weights ({path.name}) although none were given")
+        os.replace(path, folder / path.name)
+    shutil.rmtree(scratch)

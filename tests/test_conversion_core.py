@@ -121,7 +121,7 @@ def convert_upstream(source, output, **kwargs):
     reader = open_checkpoint(source)
     meta = build_meta_model(type(model), model.config)
     return convert_checkpoint(reader, upstream_rules(reader.keys()), UPSTREAM_DROPS, meta, output,
-                              config=model.config, progress=False, **kwargs)
+                              progress=False, **kwargs)
 
 
 @pytest.fixture
@@ -447,7 +447,7 @@ def test_failure_mid_conversion_leaves_no_output(upstream_file, tmp_path):
     model = tiny_gpt2()
     with pytest.raises(RuntimeError, match="disk on fire"):
         convert_checkpoint(reader, rules, UPSTREAM_DROPS, build_meta_model(type(model), model.config),
-                           tmp_path / "out", config=model.config, progress=False)
+                           tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["upstream.safetensors"]
 
 
@@ -476,7 +476,7 @@ def _conversion_interrupted_by(send_signal, upstream_file, output):
              for r in upstream_rules(reader.keys())]
     model = tiny_gpt2()
     convert_checkpoint(reader, rules, UPSTREAM_DROPS, build_meta_model(type(model), model.config), output,
-                       config=model.config, progress=False, max_shard_size="20KB")
+                       progress=False, max_shard_size="20KB")
 
 
 @pytest.mark.parametrize("signum,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
