@@ -124,16 +124,30 @@ def device_and_dtype():
     return torch.device("cpu"), torch.float32
 
 
-def _load(model_class, processor_class, source: str) -> LoadedModel:
+class ModelLoadError(RuntimeError):
+    """A configured model could not be loaded; the message names the variable, the source and the cause."""
+
+
+def _load(model_class, processor_class, source: str, env_var: str) -> LoadedModel:
+    """`source` is a local folder or a Hub id; failures name the source and the variable that sets it."""
+    local = Path(source).expanduser()
+    if source.startswith(("/", "./", "../", "~")) or local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{source} (from {env_var}): no checkpoint there (expected a folder with config.json)")
+        source = str(local)
     device, dtype = device_and_dtype()
     logger.info("loading %s from %s", model_class.__name__, source)
-    model = model_class.from_pretrained(source, dtype=dtype).to(device).eval()
-    processor = processor_class.from_pretrained(source)
-    return LoadedModel(model=model, processor=processor, source=source)
+    try:
+        model = model_class.from_pretrained(source, dtype=dtype)
+        processor = processor_class.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{source} (from {env_var}): could not load a {model_class.__name__}: {err}") from err
+    return LoadedModel(model=model.to(device).eval(), processor=processor, source=source)
 
 
 def load_models(blip2: str | None = None, coca: str | None = None) -> SpaceModels:
-    """Load the two models once. A source of None means: from the environment (see the module docstring)."""
+    """Load the two models once. A source of None means: from the environment (see the module docstring).
+    Raises ModelLoadError when a configured model cannot be loaded."""
     import hf_vlm  # noqa: F401  (registers the model types with transformers)
 
     blip2 = blip2 or model_source(BLIP2_ENV, "blip2")
@@ -142,11 +156,11 @@ def load_models(blip2: str | None = None, coca: str | None = None) -> SpaceModel
     if blip2:
         from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor
 
-        loaded_blip2 = _load(Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor, blip2)
+        loaded_blip2 = _load(Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor, blip2, BLIP2_ENV)
     if coca:
         from hf_vlm.modeling.coca import CocaModel, CocaProcessor
 
-        loaded_coca = _load(CocaModel, CocaProcessor, coca)
+        loaded_coca = _load(CocaModel, CocaProcessor, coca, COCA_ENV)
     return SpaceModels(blip2=loaded_blip2, coca=loaded_coca)
 
 

@@ -136,6 +136,20 @@ def test_models_come_from_the_environment_then_the_demo_checkpoints(tmp_path, mo
     assert space.model_source(space.BLIP2_ENV, "blip2") == "org/blip2-flan-t5-xl"
 
 
+def test_hf_vlm_space_names_a_model_it_cannot_load(tmp_path, monkeypatch, capsys):
+    from hf_vlm.cli import main
+
+    monkeypatch.setenv(space.DEMO_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(space.BLIP2_ENV, str(tmp_path / "missing"))
+    assert main(["space"]) == 2
+    assert f"{tmp_path / 'missing'} (from HF_VLM_BLIP2): no checkpoint there" in capsys.readouterr().err
+
+    monkeypatch.delenv(space.BLIP2_ENV)
+    monkeypatch.setenv(space.COCA_ENV, "org/not-in-the-cache")  # offline: the Hub cannot be asked
+    assert main(["space"]) == 2
+    assert "org/not-in-the-cache (from HF_VLM_COCA): could not load a CocaModel" in capsys.readouterr().err
+
+
 def test_the_demo_coca_gets_the_scenes_zero_shot_template_and_other_checkpoints_clips(tmp_path, monkeypatch):
     from hf_vlm import scenes
 

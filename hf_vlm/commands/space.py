@@ -10,7 +10,11 @@ import sys
 def run(args) -> int:
     from hf_vlm import space
 
-    models = space.load_models()
+    try:
+        models = space.load_models()
+    except space.ModelLoadError as err:
+        print(f"hf-vlm space: {err}", file=sys.stderr)
+        return 2
     if models.blip2 is None and models.coca is None:
         print(
             f"hf-vlm space: no model to serve. Set {space.BLIP2_ENV} and/or {space.COCA_ENV} to a checkpoint "
