@@ -17,6 +17,9 @@ from PIL import Image
 
 from hf_vlm import space
 
+# gradio 6.31's queue statistics call pandas APIs that pandas 3 deprecates: gradio's warnings, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+
 REPO = Path(__file__).resolve().parents[1]
 SPACE_DIR = REPO / "spaces"
 ARTIFACTS = REPO / "test-artifacts"
