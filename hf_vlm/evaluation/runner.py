@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_vlm.data.collators import VQA_PROMPT  # the prompt BLIP-2's VQA fine-tune is trained with
 from hf_vlm.evaluation.captioning import caption_metrics
 from hf_vlm.evaluation.ranking import retrieval_recall, topk_accuracy
 from hf_vlm.evaluation.results import format_table, save_results
@@ -31,7 +32,6 @@ from hf_vlm.evaluation.vqa import vqa_metrics
 
 TASKS = ("caption", "vqa", "zero-shot", "retrieval")
 TASKS_BY_MODEL_TYPE = {"coca": ("caption", "zero-shot", "retrieval"), "blip2_flant5": ("caption", "vqa")}
-VQA_PROMPT = "Question: {} Short answer:"
 DEFAULT_ZERO_SHOT_TEMPLATE = "a photo of a {}."
 DEFAULT_SCENE_SAMPLES = 200
 IMAGE_COLUMNS = ("image", "png", "jpg", "jpeg", "webp")
