@@ -42,7 +42,7 @@ def test_forward_returns_contrastive_and_caption_outputs():
     pixel_values, input_ids, attention_mask = batch()
     out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
     assert out.logits_per_image.shape == (2, 2) and torch.equal(out.logits_per_text, out.logits_per_image.t())
-    assert out.logits.shape == (2, 7, 96)
+    assert out.logits.shape == (2, 7, model.config.text_config.vocab_size)
     assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(2)), "forward embeds are L2-normalized"
     assert torch.allclose(out.text_embeds.norm(dim=-1), torch.ones(2))
     assert out.loss is None, "no loss unless asked"
