@@ -105,7 +105,7 @@ def test_command_line_flags_override_the_recipe(tmp_path):
 
 
 def test_bad_arguments_fail_with_a_clear_message(tmp_path):
-    with pytest.raises(ValueError, match="unknown recipe 'nope'.*coca-large-v2"):
+    with pytest.raises(SystemExit, match="unknown recipe 'nope'.*coca-large-v2"):
         parse("--recipe", "nope", "--train_data", "x")
     with pytest.raises(SystemExit, match="--train_data is required"):
         parse("--recipe", "coca-tiny", "--output_dir", str(tmp_path))
@@ -239,3 +239,14 @@ def test_finetune_vqa_runs_as_a_module_with_the_vit_unfrozen_and_t5_frozen(tmp_p
     assert all(torch.equal(initial[k], final[k]) for k in t5)  # frozen: bit-identical
     losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert len(losses) == 3 and all(v == v and v > 0 for v in losses)
+
+
+def test_hf_vlm_cli_passes_every_argument_to_the_training_scripts(capsys):
+    from hf_vlm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--help"])
+    assert exit_info.value.code == 0
+    assert "--recipe" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="pretrain.py: unknown recipe 'nope'"):
+        main(["pretrain", "--recipe", "nope", "--train_data", "x"])

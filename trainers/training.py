@@ -119,7 +119,10 @@ def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], pro
     parser.set_defaults(remove_unused_columns=False)
     recipe = None
     if known.recipe:
-        recipe = get_recipe(known.recipe)
+        try:
+            recipe = get_recipe(known.recipe)
+        except ValueError as err:
+            raise SystemExit(f"{prog}: {err}") from None
         if recipe.stage not in allowed_stages:
             raise SystemExit(
                 f"{prog}: recipe {recipe.name!r} is a {recipe.stage!r} recipe; this script runs "
