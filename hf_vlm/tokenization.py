@@ -13,38 +13,38 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, *, model_type: str = "unigram") -> bytes:
-    """Train a SentencePiece model with T5's special ids (pad 0, eos 1, unk 2, no bos).
+def train_sentencepiece_model(texts: Iterable[str], vocab_size: int, *, model_type: str = "unigram",
+                              **trainer_options) -> bytes:
+    """Train a SentencePiece model with T5's special ids (pad 0, eos 1, unk 2, no bos) unless
+    `trainer_options` say otherwise (any SentencePieceTrainer option, e.g. bos_id=3).
 
-    The vocabulary is a soft limit: a tiny corpus yields fewer pieces rather than an error.
+    The vocabulary is a soft limit: a tiny corpus yields fewer pieces rather than an error. On small,
+    repetitive corpora (captions of synthetic scenes) use model_type="bpe": the unigram trainer stops at
+    few pieces there (59 of 128 asked), splitting frequent words into letters, where BPE keeps whole words.
+    The transformers tokenizers below are converted from this model as a Unigram pipeline over its pieces
+    and scores; for a BPE model their splits can differ from SentencePiece's own, so tokenizer.json (not
+    spiece.model) is the tokenizer of record.
     """
     import sentencepiece as spm
 
+    options = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False,
+                   minloglevel=2)
+    options.update(trainer_options)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                   model_type=model_type, **options)
     return model.getvalue()
 
 
-def train_t5_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | Path | None = None, **kwargs):
+def train_t5_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | Path | None = None, *,
+                       model_type: str = "unigram", **kwargs):
     """A `T5Tokenizer` (FlanT5 conventions: pad 0, eos 1, unk 2, no sentinel ids) trained on `texts`.
 
     Saved to `output_dir` when given (spiece.model is kept next to tokenizer.json).
     """
     from transformers import T5Tokenizer
 
-    model_bytes = train_sentencepiece_model(texts, vocab_size)
+    model_bytes = train_sentencepiece_model(texts, vocab_size, model_type=model_type)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "spiece.model").write_bytes(model_bytes)
         tokenizer = T5Tokenizer.from_pretrained(tmp, extra_ids=0, **kwargs)
@@ -97,29 +97,27 @@ COCA_CLIP_MAX_LENGTH = 76
 
 
 def train_coca_tokenizer(
-    texts: Iterable[str], vocab_size: int, output_dir: str | Path | None = None, *, model_max_length: int = 76
+    texts: Iterable[str], vocab_size: int, output_dir: str | Path | None = None, *, model_max_length: int = 76,
+    model_type: str = "unigram",
 ):
-    """A fast tokenizer for CoCa v2 trained on `texts`: SentencePiece unigram with ids pad 0, eos 1, unk 2,
+    """A fast tokenizer for CoCa v2 trained on `texts`: SentencePiece (unigram by default) with ids pad 0, eos 1, unk 2,
     bos 3 (`COCA_SPECIAL_TOKENS`), encoding every text as `<s> text </s>`.
 
     The result is a plain `PreTrainedTokenizerFast` (tokenizer.json), loadable with `AutoTokenizer` without
     hf_vlm. Saved to `output_dir` when given (the SentencePiece model is kept as spiece.model).
     """
-    import sentencepiece as spm
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast, T5Tokenizer
 
     (pad, pad_id), (eos, eos_id), (unk, unk_id), (bos, bos_id) = (
         COCA_SPECIAL_TOKENS[k] for k in ("pad", "eos", "unk", "bos")
     )
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="unigram",
-        pad_id=pad_id, eos_id=eos_id, unk_id=unk_id, bos_id=bos_id, pad_piece=pad, eos_piece=eos,
-        unk_piece=unk, bos_piece=bos, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    model_bytes = train_sentencepiece_model(
+        texts, vocab_size, model_type=model_type, pad_id=pad_id, eos_id=eos_id, unk_id=unk_id, bos_id=bos_id,
+        pad_piece=pad, eos_piece=eos, unk_piece=unk, bos_piece=bos,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "spiece.model").write_bytes(model.getvalue())
+        (Path(tmp) / "spiece.model").write_bytes(model_bytes)
         # T5Tokenizer converts the SentencePiece model into a `tokenizers` Unigram pipeline; we only keep that.
         backend = T5Tokenizer.from_pretrained(tmp, extra_ids=0).backend_tokenizer
     backend.post_processor = processors.TemplateProcessing(
@@ -133,7 +131,7 @@ def train_coca_tokenizer(
         raise RuntimeError(f"SentencePiece did not keep CoCa's special ids {COCA_SPECIAL_TOKENS}")
     if output_dir is not None:
         tokenizer.save_pretrained(output_dir)
-        (Path(output_dir) / "spiece.model").write_bytes(model.getvalue())
+        (Path(output_dir) / "spiece.model").write_bytes(model_bytes)
     return tokenizer
 
 
