@@ -223,6 +223,7 @@ class ConversionSummary:
     output_bytes: int
     source_tensors: int
     dropped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
@@ -235,6 +236,7 @@ class ConversionSummary:
         ]
         for reason, count in self.dropped.items():
             lines.append(f"  dropped {count} source tensors: {reason}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 

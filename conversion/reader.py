@@ -270,6 +270,39 @@ class MultiFileReader(CheckpointReader):
         return self._owner[key].file_of(key)
 
 
+class CombinedReader(CheckpointReader):
+    """Several checkpoints read as one, each key prefixed with its part's namespace (e.g. "vision:"), so a
+    converter can account for the keys of all of them and errors say which file a key came from."""
+
+    def __init__(self, parts: dict[str, CheckpointReader]):
+        self.parts = parts
+        self.path = next(iter(parts.values())).path
+        self._owner = {f"{ns}{key}": (reader, key) for ns, reader in parts.items() for key in reader.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self._owner)
+
+    def shape(self, key):
+        reader, inner = self._owner[key]
+        return reader.shape(inner)
+
+    def dtype(self, key):
+        reader, inner = self._owner[key]
+        return reader.dtype(inner)
+
+    def get(self, key):
+        reader, inner = self._owner[key]
+        return reader.get(inner)
+
+    def release(self, key):
+        reader, inner = self._owner[key]
+        reader.release(inner)
+
+    def file_of(self, key):
+        reader, inner = self._owner[key]
+        return reader.file_of(inner)
+
+
 # --------------------------------------------------------------------------------------------------
 # entry point
 
