@@ -18,6 +18,8 @@ from hf_vlm.testing import random_image, run_python_without_hf_vlm
 
 QUESTION = "Question: what color is the circle? Short answer:"
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def tiny_stage2(seed=0):
     torch.manual_seed(seed)
@@ -87,6 +89,9 @@ def test_auto_classes_load_the_saved_folder(saved_stage2, processor):
     for auto in (AutoModel, AutoModelForImageTextToText):
         loaded = auto.from_pretrained(path).eval()
         assert type(loaded) is Blip2FlanT5ForConditionalGeneration
+        # Loading replaces parameters: the frozen parts must still be frozen.
+        trainable = {n.split(".")[0] for n, p in loaded.named_parameters() if p.requires_grad}
+        assert trainable == {"ln_vision", "query_tokens", "qformer", "language_projection"}
     batch = processor(images=[random_image(seed=2)], text=QUESTION, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(loaded(**batch, labels=batch["input_ids"]).logits, model(**batch, labels=batch["input_ids"]).logits)
@@ -117,6 +122,7 @@ def test_saved_folder_loads_with_trust_remote_code_where_hf_vlm_is_missing(saved
         model = AutoModelForImageTextToText.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained({str(path)!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert not any(p.requires_grad for p in model.language_model.parameters())  # frozen after loading too
         from PIL import Image
         images = [Image.open({str(tmp_path / "0.png")!r}), Image.open({str(tmp_path / "1.png")!r})]
         batch = processor(images=images, text=[{QUESTION!r}, "a photo of"], return_tensors="pt")
@@ -127,7 +133,8 @@ def test_saved_folder_loads_with_trust_remote_code_where_hf_vlm_is_missing(saved
     """)
     for i, image in enumerate(images):
         image.save(tmp_path / f"{i}.png")
-    result = run_python_without_hf_vlm(code, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    result = run_python_without_hf_vlm(code, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules"),
+                                                                "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")
     assert torch.equal(remote["pixel_values"], batch["pixel_values"])

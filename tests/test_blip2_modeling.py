@@ -15,6 +15,8 @@ from hf_vlm.presets import get_config, preset_dict
 
 PUBLISHED_PARAMETERS = 3_942_446_592  # Salesforce/blip2-flan-t5-xl as transformers counts it (k bias as a parameter)
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def tiny_config(**overrides) -> Blip2FlanT5Config:
     return get_config("blip2-tiny", **overrides)
@@ -139,7 +141,8 @@ def test_batched_padded_prompts_give_the_same_answers_as_one_by_one():
     for i, prompt in enumerate(prompts):
         single = model.generate(images[i : i + 1], torch.tensor([prompt]), **kwargs)[0]
         assert batched[i, : len(single)].tolist() == single.tolist()
-        assert (batched[i, len(single) :] == 0).all()
+        # after its end of sequence, a finished answer is filled up with special tokens (pad / eos) in the batch
+        assert set(batched[i, len(single) :].tolist()) <= {0, 1}
     assert len({tuple(row.tolist()) for row in batched}) > 1, "answers should depend on image and prompt"
 
 

@@ -375,8 +375,20 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
         self.ln_vision = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_config.ln_vision_eps)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = Blip2FlanT5QFormerModel(config.qformer_config, with_text_path=with_text_path)
-        if config.freeze_vision:
+
+    def _apply_freezing(self):
+        """Frozen parts (config.freeze_vision / freeze_language_model) get no gradient and stay out of the optimizer."""
+        if self.config.freeze_vision:
             self.vision_model.requires_grad_(False)
+        if getattr(self.config, "freeze_language_model", False) and hasattr(self, "language_model"):
+            self.language_model.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading replaces the parameters, and with them requires_grad: freeze again afterwards.
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._apply_freezing()
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -431,8 +443,9 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
         vision_dtype = self.vision_model.patch_embed.proj.weight.dtype
         image_embeds = self.vision_model.forward_features(pixel_values.to(vision_dtype))
         ln = self.ln_vision
+        dtype = torch.promote_types(ln.weight.dtype, torch.float32)  # at least fp32
         return F.layer_norm(
-            image_embeds.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps
+            image_embeds.to(dtype), ln.normalized_shape, ln.weight.to(dtype), ln.bias.to(dtype), ln.eps
         ).to(ln.weight.dtype)
 
     def get_query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -512,6 +525,7 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
         self.itm_head = nn.Linear(qformer_width, 2)
         self.lm_head = Blip2FlanT5LMPredictionHead(config.qformer_config)
         self.temp = nn.Parameter(torch.tensor(0.07))
+        self._apply_freezing()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -710,8 +724,7 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
                 torch.empty_like(shared).normal_(std=config.text_config.initializer_factor)
             )
         self.language_model = language_model
-        if config.freeze_language_model:
-            self.language_model.requires_grad_(False)
+        self._apply_freezing()
         self.post_init()
 
     def get_input_embeddings(self):
