@@ -41,3 +41,15 @@ def bert_tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("bert_tokenizer")
     train_bert_tokenizer(TINY_CORPUS, vocab_size=256, output_dir=path)
     return path
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One intra-op thread for tiny models: on a shared 2-core machine, torch's spinning worker threads make small
+    matmuls ~50x slower (measured). Restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
