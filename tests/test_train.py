@@ -250,3 +250,22 @@ def test_hf_vlm_cli_passes_every_argument_to_the_training_scripts(capsys):
     assert "--recipe" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="pretrain.py: unknown recipe 'nope'"):
         main(["pretrain", "--recipe", "nope", "--train_data", "x"])
+
+
+def test_frozen_parts_are_not_in_the_trainers_optimizer(tmp_path):
+    """The model config freezes parts (requires_grad=False); the stock Trainer's AdamW gets only the rest."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration
+    from hf_vlm.presets import get_config
+
+    model = Blip2FlanT5ForConditionalGeneration(get_config("blip2-tiny"))
+    assert model.config.freeze_vision and model.config.freeze_language_model
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
+    optimizer = trainer.create_optimizer()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in in_optimizer}
+    # LAVIS trains ln_vision (the LayerNorm after the frozen ViT) with the Q-Former.
+    assert names and all(n.startswith(("qformer.", "query_tokens", "language_projection.", "ln_vision.")) for n in names)
+    assert not any(n.startswith(("vision_model.", "language_model.")) for n in names)
+    assert names == {n for n, p in model.named_parameters() if p.requires_grad}
