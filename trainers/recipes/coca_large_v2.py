@@ -14,7 +14,8 @@ RECIPE = Recipe(
         "learning_rate": 1e-4,
         "adam_beta1": 0.9,
         "adam_beta2": 0.98,
-        "weight_decay": 0.1,
+        "adam_epsilon": 1e-6,  # open_clip's defaults for ViT models (params.py): betas (0.9, 0.98), eps 1e-6, wd 0.2
+        "weight_decay": 0.2,
         "warmup_steps": 0.1,  # 10% of the steps (a float < 1 is a fraction in transformers 5)
         "lr_scheduler_type": "cosine",
         "bf16": True,
@@ -28,5 +29,5 @@ RECIPE = Recipe(
     },
     nodes=8,
     gpus_per_node=8,
-    source="project brief (CoCa-Large-v2); betas/weight decay as open_clip's CoCa training",
+    source="project brief (CoCa-Large-v2); betas, eps and weight decay: open_clip's training defaults",
 )
