@@ -1,0 +1,69 @@
+"""`make bench`: every benchmark, then the results folder's table and plot.
+
+The default plan is the CPU one that fits this 2-core machine in about 15 minutes: real widths with
+2 layers per stack for the model comparisons (ratios between implementations, not absolute speed),
+the full-size checkpoint for conversion, full-size FLOPs. `--full` runs the issue's whole grid at full
+depth (coca_ViT-B-32: greedy and beams 3, batch 1 and 8, 20 and 60 tokens): for a GPU, with
+`--device cuda --dtype bfloat16`.
+
+    python -m benchmarks.run_all [--out benchmarks/results/cpu] [--full] [--device cuda --dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import harness
+
+
+def plan(args) -> list[list[str]]:
+    common = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--out", str(args.out)]
+    if args.full:
+        return [["benchmarks.bench_coca", *common],
+                ["benchmarks.bench_blip2", "--layers", "4", *common],
+                ["benchmarks.bench_conversion", "--out", str(args.out)],
+                ["benchmarks.flops", "--out", str(args.out)]]
+    cheap = ["--layers", "2", "--repeats", "2", "--budget-s", "5"]
+    return [
+        ["benchmarks.flops", "--out", str(args.out)],
+        ["benchmarks.bench_coca", "--only", "generate", "--batches", "1", "--tokens", "20", "60", "--beams", "1",
+         *cheap, *common],
+        ["benchmarks.bench_coca", "--only", "generate", "--batches", "1", "8", "--tokens", "20", "--beams", "3",
+         *cheap, *common],
+        ["benchmarks.bench_coca", "--only", "embed", "train", *cheap, *common],
+        ["benchmarks.bench_blip2", *cheap, *common],
+        ["benchmarks.bench_conversion", "--repeats", "1", "--out", str(args.out)],
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "cpu")
+    parser.add_argument("--full", action="store_true", help="the whole grid at full depth (GPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(harness.DTYPES))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    failures = []
+    for step in plan(args):
+        start = time.perf_counter()
+        print(f"== python -m {' '.join(step)}", flush=True)
+        if subprocess.run([sys.executable, "-m", *step], cwd=Path(__file__).resolve().parent.parent).returncode:
+            failures.append(step[0])
+        print(f"   {time.perf_counter() - start:.0f} s", flush=True)
+    from benchmarks import report
+
+    report.main([str(args.out), "--header", f"Made by `python -m benchmarks.run_all {' '.join(argv or sys.argv[1:])}`"
+                 " (`make bench`)."])
+    if failures:
+        print(f"{len(failures)} benchmark(s) failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
