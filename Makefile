@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps lint test demo
+.PHONY: setup system-deps lint test demo bench
 
 ## setup: create .venv (if missing) and install hf-vlm with its dev extras, plus system packages
 setup: $(STAMP)
@@ -34,3 +34,9 @@ test: setup system-deps lint
 DEMO_ARGS ?=
 demo: setup
 	$(VENV)/bin/hf-vlm demo $(DEMO_ARGS)
+
+## bench: hf-vlm vs open_clip / transformers on the same weights (about 15 min on 2 CPU cores); results,
+## table and plot in benchmarks/results/cpu (BENCH_ARGS="--full --device cuda --dtype bfloat16" on a GPU)
+BENCH_ARGS ?=
+bench: setup
+	$(PYTHON) -m benchmarks.run_all $(BENCH_ARGS)
