@@ -2,7 +2,7 @@
 VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2   # both cores (pytest-xdist); one thread per worker (tests/conftest.py)
 
 .PHONY: setup system-deps lint test demo bench
 
@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml setup.py
 
 ## system-deps: Debian's chromium for the Space's browser tests (Playwright drives /usr/bin/chromium;
 ## `playwright install` would download a browser)
+## DeepSpeed compiles a small CPU op with g++ on its first launch.
 system-deps:
-	@test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@{ test -x /usr/bin/chromium && command -v g++ >/dev/null; } || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium g++; }
 
 ## lint: ruff over the whole repository
 lint: setup

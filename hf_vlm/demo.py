@@ -43,6 +43,13 @@ class StageRun:
     batch_size: int
     init: str | None = None  # --model: the run whose output this one starts from
     init_qformer_from: str | None = None  # blip2 stage 2: the stage-1 run
+    extra_args: tuple[str, ...] = ()
+
+
+# BLIP-2 freezes a *pretrained* FlanT5. No pretrained T5 can be had offline, and a frozen random T5 cannot
+# learn to write (stage-2 loss stayed above a uniform guess, 7.0 > ln 128), so the demo trains its tiny T5
+# together with the Q-Former.
+TRAIN_TINY_T5 = ("--freeze_language_model", "false")
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,9 @@ class DemoPlan:
         StageRun("coca", "pretrain", "coca-tiny", "captions", 1500, 2e-3, 32),
         StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 600, 1e-3, 32),
         StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 800, 2e-3, 32,
-                 init_qformer_from="blip2-stage1"),
-        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 1200, 1e-3, 32, init="blip2-stage2"),
+                 init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_T5),
+        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 1200, 1e-3, 32, init="blip2-stage2",
+                 extra_args=TRAIN_TINY_T5),
     ))
 
     @classmethod
@@ -69,8 +77,9 @@ class DemoPlan:
             StageRun("coca", "pretrain", "coca-tiny", "captions", 300, 2e-3, 32),
             StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 50, 1e-3, 32),
             StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 100, 2e-3, 32,
-                     init_qformer_from="blip2-stage1"),
-            StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 300, 1e-3, 32, init="blip2-stage2"),
+                     init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_T5),
+            StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 300, 1e-3, 32, init="blip2-stage2",
+                     extra_args=TRAIN_TINY_T5),
         ))
 
 
@@ -145,6 +154,7 @@ def train(run: StageRun, runs_dir: Path, data: dict[str, Path], processors: dict
         args += ["--model", str(runs_dir / run.init)]
     if run.init_qformer_from:
         args += ["--init_qformer_from", str(runs_dir / run.init_qformer_from)]
+    args += run.extra_args
     runs_dir.mkdir(parents=True, exist_ok=True)
     log_path = runs_dir / f"{run.name}.log"
     # Tiny models on a small CPU: one thread per run, runs side by side, beats threads that spin-wait on

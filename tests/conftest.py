@@ -5,6 +5,10 @@ import os
 # Set before any test module imports huggingface_hub / transformers (they read it at import).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two xdist workers on the two cores: one thread each (inherited by the tests'
+# subprocesses). Tiny models on oversubscribed cores were 15-60x slower with spin-waiting OpenMP threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
