@@ -42,10 +42,10 @@ def write_checkpoint(model_name: str, path: Path, quick_cfg: dict | None) -> int
     return path.stat().st_size
 
 
-def convert_ours(source: str, output: str, model_config: str) -> None:
+def convert_ours(source: str, output: str, model_config: str, max_shard_size: str) -> None:
     from hf_vlm.conversion.open_clip_coca import convert
 
-    convert(source, output, model_config=model_config, progress=False)
+    convert(source, output, model_config=model_config, max_shard_size=max_shard_size, progress=False)
 
 
 def convert_naive(source: str, output: str) -> None:
@@ -62,10 +62,10 @@ def convert_naive(source: str, output: str) -> None:
     save_file(converted, str(Path(output) / "model.safetensors"))
 
 
-def child(side: str, source: str, output: str, model_config: str) -> dict:
+def child(side: str, source: str, output: str, model_config: str, max_shard_size: str) -> dict:
     start = time.perf_counter()
     if side == "ours":
-        convert_ours(source, output, model_config)
+        convert_ours(source, output, model_config, max_shard_size)
     else:
         convert_naive(source, output)
     return {"side": side, "seconds": time.perf_counter() - start, "peak_rss_mb": harness.peak_rss_mb()}
@@ -77,10 +77,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoint is written (default: a temp dir)")
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "SOURCE", "OUTPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--model-config", help=argparse.SUPPRESS)
+    parser.add_argument("--max-shard-size", default="500MB",
+                        help="our output shard size: the streaming writer holds one shard in memory (default 500MB)")
     args = parser.parse_args(argv)
     harness.setup(args)
     if args.child:
-        print(json.dumps(child(*args.child, args.model_config)))
+        print(json.dumps(child(*args.child, args.model_config, args.max_shard_size)))
         return 0
 
     from benchmarks.bench_coca import QUICK_CONFIG
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
                 output = tmp / f"out_{side}"
                 results["ours" if side == "ours" else "upstream"].append(harness.run_child(
                     ["-m", "benchmarks.bench_conversion", "--child", side, str(source), str(output),
-                     "--model-config", model_config, "--threads", str(args.threads)]))
+                     "--model-config", model_config, "--max-shard-size", args.max_shard_size,
+                     "--threads", str(args.threads)]))
                 shutil.rmtree(output)
     timing = harness.Timing(ours=[r["seconds"] for r in results["ours"]],
                             upstream=[r["seconds"] for r in results["upstream"]])
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     record = harness.Record(
         benchmark="conversion", case=f"{'tiny' if args.quick else args.model}_safetensors",
         params={"model": "tiny" if args.quick else args.model, "checkpoint_bytes": size,
-                "checkpoint_gb": round(size / 1e9, 3)},
+                "checkpoint_gb": round(size / 1e9, 3), "max_shard_size": args.max_shard_size},
         metrics={"seconds": {"ours": timing.ours_median, "upstream": timing.upstream_median,
                              "ratio": timing.ours_median / timing.upstream_median},
                  "peak RSS MB": {"ours": rss["ours"], "upstream": rss["upstream"],
