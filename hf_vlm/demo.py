@@ -46,10 +46,10 @@ class StageRun:
     extra_args: tuple[str, ...] = ()
 
 
-# BLIP-2 freezes a *pretrained* FlanT5. No pretrained T5 can be had offline, and a frozen random T5 cannot
-# learn to write (stage-2 loss stayed above a uniform guess, 7.0 > ln 128), so the demo trains its tiny T5
-# together with the Q-Former.
-TRAIN_TINY_T5 = ("--freeze_language_model", "false")
+# BLIP-2 freezes a *pretrained* EVA ViT and FlanT5. None can be had offline, and frozen random towers
+# cannot learn the task (with a frozen random T5 the stage-2 loss stayed above a uniform guess, 7.0 >
+# ln 128; with a frozen random ViT, VQA stayed at the answer prior), so the demo trains them.
+TRAIN_TINY_TOWERS = ("--freeze_language_model", "false", "--freeze_vision", "false")
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,13 @@ class DemoPlan:
     test_scenes: int = 300
     vocab_size: int = 128
     runs: tuple[StageRun, ...] = field(default_factory=lambda: (
-        StageRun("coca", "pretrain", "coca-tiny", "captions", 1500, 2e-3, 32),
-        StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 600, 1e-3, 32),
-        StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 800, 2e-3, 32,
-                 init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_T5),
-        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 1200, 1e-3, 32, init="blip2-stage2",
-                 extra_args=TRAIN_TINY_T5),
+        StageRun("coca", "pretrain", "coca-tiny", "captions", 1500, 2e-3, 64),
+        StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 150, 1e-3, 32,
+                 extra_args=TRAIN_TINY_TOWERS[2:]),
+        StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 400, 2e-3, 32,
+                 init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_TOWERS),
+        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 1500, 1e-3, 32, init="blip2-stage2",
+                 extra_args=TRAIN_TINY_TOWERS),
     ))
 
     @classmethod
@@ -75,11 +76,12 @@ class DemoPlan:
         """About 3 minutes on 2 idle cores: enough to beat chance clearly, not to reach the targets."""
         return cls(caption_scenes=2000, vqa_scenes=600, test_scenes=100, runs=(
             StageRun("coca", "pretrain", "coca-tiny", "captions", 300, 2e-3, 32),
-            StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 50, 1e-3, 32),
+            StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 30, 1e-3, 32,
+                     extra_args=TRAIN_TINY_TOWERS[2:]),
             StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 100, 2e-3, 32,
-                     init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_T5),
-            StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 300, 1e-3, 32, init="blip2-stage2",
-                     extra_args=TRAIN_TINY_T5),
+                     init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_TOWERS),
+            StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 500, 1e-3, 32, init="blip2-stage2",
+                     extra_args=TRAIN_TINY_TOWERS),
         ))
 
 
