@@ -269,3 +269,20 @@ def test_frozen_parts_are_not_in_the_trainers_optimizer(tmp_path):
     assert names and all(n.startswith(("qformer.", "query_tokens", "language_projection.", "ln_vision.")) for n in names)
     assert not any(n.startswith(("vision_model.", "language_model.")) for n in names)
     assert names == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_tokenizer_larger_than_the_model_vocab_is_refused_before_training(t5_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from hf_vlm.modeling.coca import CocaModel
+    from hf_vlm.presets import get_config
+    from hf_vlm.trainers.training import check_tokenizer_fits
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_tokenizer_dir)
+    config = get_config("coca-tiny")
+    config.text_config.vocab_size = len(tokenizer)
+    check_tokenizer_fits(CocaModel(config), tokenizer)  # fits exactly: no error
+    config.text_config.vocab_size = len(tokenizer) - 1
+    with pytest.raises(SystemExit, match=f"the tokenizer has {len(tokenizer)} ids but CocaModel embeds only "
+                                         f"{len(tokenizer) - 1}"):
+        check_tokenizer_fits(CocaModel(config), tokenizer)

@@ -266,6 +266,17 @@ def build_data(stage: Stage, model, processor, data_args: DataArguments, trainin
     )
 
 
+def check_tokenizer_fits(model, tokenizer) -> None:
+    """Fail before training, naming both sizes, when the tokenizer has ids the model cannot embed
+    (e.g. a preset's random model with a larger trained tokenizer), instead of an index error mid-step."""
+    num_embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > num_embeddings:
+        raise SystemExit(
+            f"the tokenizer has {len(tokenizer)} ids but {type(model).__name__} embeds only {num_embeddings}: "
+            "use a tokenizer trained with at most that vocabulary, or a model config whose vocab_size covers it"
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # The run
 
@@ -298,6 +309,7 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
     model = load_model(stage, model_args)
     processor = load_processor(model_args)
     data = build_data(stage, model, processor, data_args, training_args)
+    check_tokenizer_fits(model, data.collator.tokenizer)
 
     trainer = Trainer(
         model=model,
