@@ -299,10 +299,7 @@ def main(argv=None) -> int:
         records += bench_generation(args, device, dtype, ours, reference, config)
     if "train" in only:
         records += bench_training(args, device, dtype, ours, reference, config)
-    for record in records:
-        harness.save(record, args.out)
-        print(record.benchmark, record.case, {k: round(v["ratio"], 2) for k, v in record.metrics.items()},
-              record.checks, file=sys.stderr)
+    harness.save_and_report(records, args.out)
     return 0
 
 

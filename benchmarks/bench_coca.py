@@ -363,10 +363,7 @@ def main(argv=None) -> int:
         records += bench_embeddings(args, device, dtype, reference, ours, image_size)
     if "train" in only:
         records += bench_training(args, device, dtype, reference, ours, image_size)
-    for record in records:
-        harness.save(record, args.out)
-        print(record.benchmark, record.case, {k: round(v["ratio"], 2) for k, v in record.metrics.items()},
-              record.checks, file=sys.stderr)
+    harness.save_and_report(records, args.out)
     return 0
 
 

@@ -149,6 +149,16 @@ def save(record: Record, out_dir: Path) -> Path:
     return path
 
 
+def save_and_report(records: list[Record], out_dir: Path) -> None:
+    """Save each record and print its ratios and output checks (to stderr, next to the progress)."""
+    import sys
+
+    for record in records:
+        save(record, out_dir)
+        print(record.benchmark, record.case, {k: round(v["ratio"], 2) for k, v in record.metrics.items()},
+              record.checks, file=sys.stderr)
+
+
 def load_records(out_dir: Path) -> list[dict]:
     records = []
     for path in sorted(Path(out_dir).glob("*.json")):
