@@ -272,12 +272,7 @@ def memory_of(side: str, args, device, dtype) -> dict:
         model = Blip2ForConditionalGeneration(transformers_config(config)).to(device, dtype)
         _, reference_loss = loss_functions(None, model, config, images, prompt, labels)
         step = stage2_steps(model, reference_loss, freeze_reference(model))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):
-        step()
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else harness.peak_rss_mb()
-    return {"side": side, "peak_mb": peak}
+    return {"side": side, "peak_mb": harness.peak_memory_mb(step, device)}
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import harness
+from hf_vlm.testing import randomize_open_clip_coca_
 
 SOT, EOT, OPEN_CLIP_PAD = 49406, 49407, 0
 CONTEXT_LENGTH = 76  # open_clip's CoCa text length (its tokenizer pads to it; the CLS takes position 77)
@@ -59,21 +60,11 @@ def model_name(args) -> str:
 
 
 def build_open_clip(cfg: dict, seed: int = 0):
-    """open_clip's CoCa with every parameter drawn from `seed` (open_clip leaves the decoder's vocabulary
-    projection as torch.empty). The padding column of that projection is zeroed: open_clip's loop stops
-    a row that emits token 0, transformers' does not, so random weights must never pick it."""
+    """open_clip's CoCa with every parameter drawn from `seed` (hf_vlm.testing.randomize_open_clip_coca_)."""
     from open_clip.coca_model import CoCa
 
     model = CoCa(**{k: v for k, v in cfg.items() if k != "custom_text"})
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name == "logit_scale":
-                continue
-            is_norm_weight = param.dim() == 1 and ".ln" in f".{name}" and name.endswith("weight")
-            std = 0.1 if param.dim() < 2 else param.shape[-1] ** -0.5
-            param.copy_((1.0 if is_norm_weight else 0.0) + std * torch.randn(param.shape, generator=generator))
-        model.text_decoder.text_projection[:, OPEN_CLIP_PAD] = 0
+    randomize_open_clip_coca_(model, seed, pad_token_id=OPEN_CLIP_PAD)
     return model
 
 
@@ -324,12 +315,7 @@ def memory_of(side: str, args, device, dtype) -> dict:
     images, texts = training_batch(args, image_size, device, dtype)
     ours_loss, reference_loss = coca_losses(model, model, images, texts, 2.0, 1.0)
     step = training_steps(model, ours_loss if side == "ours" else reference_loss, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):
-        step()
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else harness.peak_rss_mb()
-    return {"side": side, "peak_mb": peak}
+    return {"side": side, "peak_mb": harness.peak_memory_mb(step, device)}
 
 
 # ------------------------------------------------------------------------------------------- main

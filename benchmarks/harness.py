@@ -192,6 +192,18 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peak_memory_mb(step, device, repeats: int = 2) -> float:
+    """Run `step` `repeats` times and return the peak memory in MiB: allocated GPU memory on CUDA,
+    the process's peak RSS on CPU (measure each side in its own process)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(repeats):
+        step()
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

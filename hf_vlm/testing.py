@@ -67,3 +67,23 @@ def run_python_without_hf_vlm(code: str, cwd, timeout: float = 600, env: dict | 
     return subprocess.run(
         [sys.executable, "-c", prelude + code], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+def randomize_open_clip_coca_(model, seed: int = 0, pad_token_id: int = 0):
+    """Fill an open_clip CoCa with parameters drawn from `seed`, in place (open_clip leaves some, like the
+    decoder's vocabulary projection, as torch.empty): LayerNorm weights near 1, the rest near 0 with
+    1/sqrt(fan_in) spread; `logit_scale` keeps its init. The padding column of the vocabulary projection
+    is zeroed: open_clip's generation loop stops a row that emits `pad_token_id`, transformers' does not,
+    so random weights must never pick it. Used by the parity tests and the benchmarks."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name == "logit_scale":
+                continue
+            is_norm_weight = param.dim() == 1 and ".ln" in f".{name}" and name.endswith("weight")
+            std = 0.1 if param.dim() < 2 else param.shape[-1] ** -0.5
+            param.copy_((1.0 if is_norm_weight else 0.0) + std * torch.randn(param.shape, generator=generator))
+        model.text_decoder.text_projection[:, pad_token_id] = 0
+    return model

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from hf_vlm.testing import require, run_python_without_hf_vlm
+from hf_vlm.testing import randomize_open_clip_coca_, require, run_python_without_hf_vlm
 
 open_clip = require("open_clip", "pip install open_clip_torch  (a dev dependency: pip install -e '.[dev]')")
 
@@ -34,19 +34,7 @@ CAPTIONS = ["a photo of a cat", "two dogs playing in the snow", "a red circle le
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter drawn from a fixed seed (open_clip leaves some, like the decoder's vocabulary
-    projection, as torch.empty). Token 0 is open_clip's padding id: its generation loop stops a row that
-    emits it, transformers' does not, so its output column is zeroed and random weights never pick it."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name == "logit_scale":
-                continue
-            is_norm_weight = param.dim() == 1 and ".ln" in f".{name}" and name.endswith("weight")
-            std = 0.1 if param.dim() < 2 else param.shape[-1] ** -0.5
-            param.copy_((1.0 if is_norm_weight else 0.0) + std * torch.randn(param.shape, generator=generator))
-        model.text_decoder.text_projection[:, OPEN_CLIP_PAD] = 0
-    return model.eval()
+    return randomize_open_clip_coca_(model, seed, pad_token_id=OPEN_CLIP_PAD).eval()
 
 
 def open_clip_tiny(folder):
