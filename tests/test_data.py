@@ -330,6 +330,33 @@ def test_train_transforms_augment_per_recipe_and_follow_the_seed():
     assert eval_steps[:2] == ["Resize", "CenterCrop"]
 
 
+def test_augmentation_none_trains_on_the_evaluation_transform(t5_tokenizer, tmp_path):
+    """--augmentation none: training images go through the deterministic evaluation transform (for data
+    whose captions say where things are and what colour they have), through build_training_data too."""
+    from hf_vlm.modeling.coca import CocaProcessor
+    from hf_vlm.scenes import export_scenes
+
+    image = random_image(96, seed=3)
+    evaluation = build_image_transform("coca", train=False, image_size=64)(image)
+    none = build_image_transform("none", train=True, image_size=64)
+    torch.manual_seed(0)
+    assert torch.equal(none(image), evaluation) and torch.equal(none(image), evaluation)
+    with pytest.raises(ValueError, match="unknown image augmentation 'flip'.*'none'"):
+        build_image_transform("flip")
+
+    captions = export_scenes(tmp_path / "captions", {"train": 2}, layout="caption", format="imagefolder")
+    processor = CocaProcessor.from_tokenizer(t5_tokenizer, image_size=32)
+    samples = {}
+    for augmentation in (None, "none"):
+        data = build_training_data("coca", [str(captions["train"])], processor, augmentation=augmentation,
+                                   cache_dir=tmp_path / "cache")
+        samples[augmentation] = data.dataset[0]["pixel_values"]
+    rows = list(load_image_text_dataset(str(captions["train"]), cache_dir=tmp_path / "cache"))
+    expected = build_image_transform("coca", train=False, image_size=32)(load_rgb_image(rows[0]["image"]))
+    assert torch.equal(samples["none"], expected)
+    assert not torch.equal(samples[None], expected)  # the recipe's crop/flip/jitter
+
+
 # ---- collators -------------------------------------------------------------------------------
 
 

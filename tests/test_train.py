@@ -93,9 +93,9 @@ def test_blip2_recipes_warm_up_10000_steps_then_cosine_to_1e6(stage, tmp_path):
 def test_command_line_flags_override_the_recipe(tmp_path):
     recipe, model_args, data_args, args = parse_recipe(
         "blip2-tiny-caption", tmp_path, "--learning_rate", "5e-5", "--freeze_vision", "true", "--max_length", "16",
-        "--model", "some/checkpoint",
+        "--model", "some/checkpoint", "--augmentation", "none",
     )
-    assert recipe.name == "blip2-tiny-caption"
+    assert recipe.name == "blip2-tiny-caption" and data_args.augmentation == "none"
     assert args.learning_rate == 5e-5
     assert model_args.freeze_vision is True and model_args.model == "some/checkpoint"
     assert data_args.max_length == 16
@@ -104,7 +104,10 @@ def test_command_line_flags_override_the_recipe(tmp_path):
     assert model_args.freeze_vision is False and args.learning_rate == 1e-4
 
 
-def test_bad_arguments_fail_with_a_clear_message(tmp_path):
+def test_bad_arguments_fail_with_a_clear_message(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_recipe("coca-tiny", tmp_path, "--augmentation", "flip")
+    assert "argument --augmentation: invalid choice: 'flip'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown recipe 'nope'.*coca-large-v2"):
         parse("--recipe", "nope", "--train_data", "x")
     with pytest.raises(SystemExit, match="--train_data is required"):

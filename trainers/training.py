@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from hf_vlm.data.transforms import AUGMENTATIONS
 from hf_vlm.trainers.recipes import FINETUNE_STAGES, PRETRAIN_STAGES, Recipe, deepspeed_config, get_recipe
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class DataArguments:
     )
     streaming: bool = field(default=False, metadata={"help": "stream the sources (needs --max_steps)"})
     image_size: int | None = field(default=None, metadata={"help": "default: the model's image size"})
+    augmentation: str | None = field(
+        default=None,
+        metadata={"help": "training image augmentation (none: the evaluation transform); default: the recipe's",
+                  "choices": sorted(AUGMENTATIONS)},
+    )
     max_length: int | None = field(default=None, metadata={"help": "text tokens; default: the data recipe's"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle buffer (samples)"})
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder"})
@@ -246,17 +252,18 @@ def build_data(stage: Stage, model, processor, data_args: DataArguments, trainin
     from hf_vlm.data import build_image_transform, build_training_data, data_recipe
 
     image_size = data_args.image_size or model.config.vision_config.image_size
+    augmentation = data_args.augmentation or data_recipe(stage.data_recipe).augmentation
     kwargs = {}
     if _is_processor(processor):
         kwargs["processor"] = processor
         kwargs["image_size"] = image_size
     else:  # a bare tokenizer: the image transform follows the recipe at the model's image size
         kwargs["tokenizer"] = processor
-        kwargs["image_transform"] = build_image_transform(data_recipe(stage.data_recipe).augmentation,
-                                                          image_size=image_size)
+        kwargs["image_transform"] = build_image_transform(augmentation, image_size=image_size)
     return build_training_data(
         stage.data_recipe,
         data_args.train_data,
+        augmentation=augmentation,
         max_length=data_args.max_length,
         streaming=data_args.streaming,
         seed=training_args.seed,

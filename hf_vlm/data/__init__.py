@@ -46,6 +46,7 @@ def build_training_data(
     image_transform=None,
     tokenizer=None,
     train: bool = True,
+    augmentation: str | None = None,
     image_size: int | None = None,
     max_length: int | None = None,
     streaming: bool = False,
@@ -59,7 +60,8 @@ def build_training_data(
     Give either the model's `processor` (its image processor's size/mean/std and its tokenizer are
     used) or an `image_transform` and a `tokenizer` directly. `sources`: ImageTextSource objects or
     `PATH[@WEIGHT]` strings. Create `counter` before the Trainer's DataLoader workers start (a new one
-    is made when omitted) and give it to `SkippedSamplesCallback`.
+    is made when omitted) and give it to `SkippedSamplesCallback`. `augmentation` (a key of
+    AUGMENTATIONS) replaces the recipe's image augmentation.
     """
     spec = data_recipe(recipe)
     if processor is None and (image_transform is None or tokenizer is None):
@@ -67,7 +69,7 @@ def build_training_data(
     if image_transform is None:
         overrides = {"image_size": image_size} if image_size else {}
         image_transform = image_transform_from_processor(
-            processor, spec.augmentation, train=train, **overrides
+            processor, augmentation or spec.augmentation, train=train, **overrides
         )
     counter = counter if counter is not None else SkipCounter()
     raw = load_image_text_dataset(

@@ -19,10 +19,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Training augmentation per recipe. BLIP-2 (LAVIS `blip_image_train`): random resized crop of 50-100%
-# of the image. CoCa adds a horizontal flip and colour jitter.
+# of the image. CoCa adds a horizontal flip and colour jitter. "none" trains on the evaluation transform:
+# for data whose text depends on where things are and what colour they have (a crop drops objects the
+# caption names, a flip turns "left of" into a lie), such as hf_vlm.scenes.
 AUGMENTATIONS = {
     "blip2": {"crop_scale": (0.5, 1.0), "horizontal_flip": False, "color_jitter": None},
     "coca": {"crop_scale": (0.5, 1.0), "horizontal_flip": True, "color_jitter": (0.4, 0.4, 0.4, 0.0)},
+    "none": None,
 }
 
 
@@ -108,7 +111,8 @@ def build_image_transform(
     """PIL RGB image -> normalized float32 tensor [3, image_size, image_size].
 
     train=True: the recipe's augmentation (see AUGMENTATIONS; `crop_scale` overrides its crop range).
-    train=False: deterministic resize of the short side + center crop, as used for evaluation.
+    train=False, or the "none" recipe: deterministic resize of the short side + center crop, as used
+    for evaluation.
     Random choices come from torch's global RNG, which DataLoader seeds per worker from the run's seed.
     """
     import torch
@@ -116,13 +120,13 @@ def build_image_transform(
 
     if recipe not in AUGMENTATIONS:
         raise ValueError(
-            f"unknown image transform recipe {recipe!r}; expected one of {sorted(AUGMENTATIONS)}"
+            f"unknown image augmentation {recipe!r}; expected one of {sorted(AUGMENTATIONS)}"
         )
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got mean={list(mean)} std={list(std)}")
     bicubic = InterpolationMode.BICUBIC
-    if train:
-        augmentation = AUGMENTATIONS[recipe]
+    augmentation = AUGMENTATIONS[recipe] if train else None
+    if augmentation is not None:
         steps = [
             v2.RandomResizedCrop(
                 image_size,
