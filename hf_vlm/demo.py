@@ -61,13 +61,16 @@ class DemoPlan:
     vqa_scenes: int = 3000
     test_scenes: int = 300
     vocab_size: int = 128
+    # Scene captions and answers name positions and colours, which the recipes' crops, flips and colour
+    # jitter would falsify ("left of" flipped is a lie): train on the evaluation transform.
+    augmentation: str = "none"
     runs: tuple[StageRun, ...] = field(default_factory=lambda: (
-        StageRun("coca", "pretrain", "coca-tiny", "captions", 1500, 2e-3, 64),
-        StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 150, 1e-3, 32,
+        StageRun("coca", "pretrain", "coca-tiny", "captions", 2500, 2e-3, 64),
+        StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 300, 1e-3, 32,
                  extra_args=TRAIN_TINY_TOWERS[2:]),
-        StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 400, 2e-3, 32,
+        StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 1000, 2e-3, 32,
                  init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_TOWERS),
-        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 1500, 1e-3, 32, init="blip2-stage2",
+        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 2500, 1e-3, 32, init="blip2-stage2",
                  extra_args=TRAIN_TINY_TOWERS),
     ))
 
@@ -89,20 +92,35 @@ def _log(message: str) -> None:
     print(f"[hf-vlm demo] {message}", flush=True)
 
 
+def _made_for(folder: Path, facts: dict) -> bool:
+    """Whether `folder` was completely made from these plan facts (its stamp is written last)."""
+    stamp = folder / "demo_plan.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == facts
+
+
+def _stamp(folder: Path, facts: dict) -> None:
+    tmp = folder / ".demo_plan.json.tmp"
+    tmp.write_text(json.dumps(facts, sort_keys=True) + "\n")
+    tmp.replace(folder / "demo_plan.json")
+
+
 def prepare_data(plan: DemoPlan, folder: Path) -> dict[str, Path]:
-    """Training data exported like a real corpus, written once (each export is atomic)."""
+    """Training data exported like a real corpus; drawn again when the plan's scene counts or size change."""
     from hf_vlm import scenes
 
     config = scenes.SceneConfig(image_size=plan.image_size)
     captions, vqa = folder / "captions", folder / "vqa"
-    if not any(captions.glob("*.tar")):
-        _log(f"drawing {plan.caption_scenes} training scenes -> {captions}")
-        scenes.export_webdataset(scenes.generate_scenes("train", plan.caption_scenes, config=config), captions)
-    if not (vqa / "metadata.jsonl").exists():
-        _log(f"drawing {plan.vqa_scenes} training scenes for VQA -> {vqa}")
-        # Scenes after the caption ones: same split and distribution, other images.
-        rows = scenes.generate_scenes("train", plan.vqa_scenes, config=config, start=plan.caption_scenes)
-        scenes.export_imagefolder(scenes.vqa_rows(rows), vqa)
+    facts = {"caption_scenes": plan.caption_scenes, "vqa_scenes": plan.vqa_scenes, "image_size": plan.image_size}
+    if _made_for(folder, facts):
+        return {"captions": captions, "vqa": vqa}
+    shutil.rmtree(folder, ignore_errors=True)
+    _log(f"drawing {plan.caption_scenes} training scenes -> {captions}")
+    scenes.export_webdataset(scenes.generate_scenes("train", plan.caption_scenes, config=config), captions)
+    _log(f"drawing {plan.vqa_scenes} training scenes for VQA -> {vqa}")
+    # Scenes after the caption ones: same split and distribution, other images.
+    rows = scenes.generate_scenes("train", plan.vqa_scenes, config=config, start=plan.caption_scenes)
+    scenes.export_imagefolder(scenes.vqa_rows(rows), vqa)
+    _stamp(folder, facts)
     return {"captions": captions, "vqa": vqa}
 
 
@@ -115,7 +133,8 @@ def build_processors(plan: DemoPlan, folder: Path) -> dict[str, Path]:
     from hf_vlm.tokenization import train_bert_tokenizer, train_coca_tokenizer, train_t5_tokenizer
 
     paths = {"coca": folder / "coca", "blip2": folder / "blip2"}
-    if all((path / "processor_config.json").exists() for path in paths.values()):
+    facts = {"vocab_size": plan.vocab_size, "image_size": plan.image_size}
+    if _made_for(folder, facts):
         return paths
     config = scenes.SceneConfig(image_size=plan.image_size)
     texts = scenes.zero_shot_prompts(config)
@@ -131,10 +150,11 @@ def build_processors(plan: DemoPlan, folder: Path) -> dict[str, Path]:
         train_t5_tokenizer(texts, plan.vocab_size, model_type="bpe"), train_bert_tokenizer(texts, plan.vocab_size),
         image_size=plan.image_size,
     ).save_pretrained(paths["blip2"])
+    _stamp(folder, facts)
     return paths
 
 
-def train(run: StageRun, runs_dir: Path, data: dict[str, Path], processors: dict[str, Path], *,
+def train(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], processors: dict[str, Path], *,
           position: int = 0) -> Path:
     """Launch one recipe through trainers/ exactly as a user would (`python -m hf_vlm.trainers...`).
 
@@ -150,7 +170,7 @@ def train(run: StageRun, runs_dir: Path, data: dict[str, Path], processors: dict
         "--max_steps", str(run.max_steps), "--learning_rate", str(run.learning_rate),
         "--per_device_train_batch_size", str(run.batch_size), "--save_strategy", "no",
         "--logging_steps", str(max(run.max_steps // 10, 1)), "--processor", str(processors[family]),
-        "--disable_tqdm", "false",
+        "--disable_tqdm", "false", "--augmentation", plan.augmentation,
     ]
     if run.init:
         args += ["--model", str(runs_dir / run.init)]
@@ -191,7 +211,7 @@ def train_all(plan: DemoPlan, runs_dir: Path, data: dict[str, Path], processors:
         chains.setdefault("coca" if run.recipe.startswith("coca") else "blip2", []).append(run)
 
     def run_chain(position: int, runs: list[StageRun]) -> dict[str, Path]:
-        return {run.name: train(run, runs_dir, data, processors, position=position) for run in runs}
+        return {run.name: train(run, plan, runs_dir, data, processors, position=position) for run in runs}
 
     outputs: dict[str, Path] = {}
     with ThreadPoolExecutor(len(chains)) as pool:

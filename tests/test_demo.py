@@ -107,3 +107,22 @@ def test_target_report_says_reached_missed_and_unmeasured():
     assert "blip2 vqa vqa_accuracy: 0.900 (target >= 0.85) reached" in lines
     assert "coca caption cider: 0.500 (target >= 1.5) NOT reached" in lines
     assert "coca zero-shot top1: - (target >= 0.9) not measured" in lines
+
+
+def test_demo_data_is_drawn_again_when_the_plan_changes(tmp_path):
+    """Training data left by another plan (other scene counts or image size) is never reused."""
+    small = demo.DemoPlan(caption_scenes=6, vqa_scenes=2)
+    paths = demo.prepare_data(small, tmp_path)
+    shards = sorted(paths["captions"].glob("*.tar"))
+    stamp = (tmp_path / "demo_plan.json").stat().st_mtime_ns
+    assert demo.prepare_data(small, tmp_path) == paths
+    assert (tmp_path / "demo_plan.json").stat().st_mtime_ns == stamp  # same plan: reused
+
+    larger = demo.DemoPlan(caption_scenes=9, vqa_scenes=3)
+    demo.prepare_data(larger, tmp_path)
+    import tarfile
+
+    members = [m for shard in sorted(paths["captions"].glob("*.tar")) for m in tarfile.open(shard).getnames()]
+    assert len([m for m in members if m.endswith(".txt")]) == 9, (shards, members)
+    rows = (paths["vqa"] / "metadata.jsonl").read_text().splitlines()
+    assert len({json.loads(row)["seed"] for row in rows}) == 3
