@@ -81,7 +81,7 @@ class DemoPlan:
             StageRun("coca", "pretrain", "coca-tiny", "captions", 300, 2e-3, 32),
             StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 30, 1e-3, 32,
                      extra_args=TRAIN_TINY_TOWERS[2:]),
-            StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 100, 2e-3, 32,
+            StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 300, 2e-3, 32,
                      init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_TOWERS),
             StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 500, 1e-3, 32, init="blip2-stage2",
                      extra_args=TRAIN_TINY_TOWERS),

@@ -74,13 +74,13 @@ def test_quick_demo_trains_evaluates_and_beats_baselines(tmp_path, monkeypatch):
     report = json.loads((demo_dir / "demo_results.json").read_text())
     assert len(report["targets"]) == len(demo.TARGETS)
 
-    # CoCa (the quick run: CIDEr 3.98, zero-shot top-1 0.34) beats image-blind baselines by a wide margin.
+    # CoCa (the quick run: CIDEr 3.97, zero-shot top-1 0.30) beats image-blind baselines by a wide margin.
     baseline = _baselines(plan.test_scenes)
     coca, blip2 = results["coca"], results["blip2"]
     assert coca["zero-shot"]["metrics"]["top1"] >= 2.5 * baseline["zero_shot"], (coca["zero-shot"], baseline)
     assert coca["caption"]["metrics"]["cider"] >= 2 * baseline["cider"], (coca["caption"]["metrics"], baseline)
-    # BLIP-2 learns slower through its query bottleneck: in the quick budget it reaches the answer prior
-    # (0.39, the majority baseline 0.40) and its captioner already reads the image.
+    # BLIP-2 learns slower from random towers: in the quick budget it reaches the answer prior (0.47, the
+    # majority baseline 0.40) and its stage-2 captioner reads the image.
     assert blip2["vqa"]["metrics"]["vqa_accuracy"] >= baseline["vqa"] - 0.05, (blip2["vqa"]["metrics"], baseline)
     real, shuffled = _caption_loss_real_vs_shuffled(demo_dir / "runs" / "blip2-stage2")
     assert real < 0.9 * shuffled, (real, shuffled)
