@@ -76,7 +76,7 @@ class DemoPlan:
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        """About 3 minutes on 2 idle cores: enough to beat chance clearly, not to reach the targets."""
+        """About 4 minutes on 2 idle cores: enough to beat chance clearly, not to reach the targets."""
         return cls(caption_scenes=2000, vqa_scenes=600, test_scenes=100, runs=(
             StageRun("coca", "pretrain", "coca-tiny", "captions", 300, 2e-3, 32),
             StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 30, 1e-3, 32,
