@@ -482,8 +482,14 @@ def _conversion_interrupted_by(send_signal, upstream_file, output):
 @pytest.mark.parametrize("signum,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
 def test_ctrl_c_or_sigterm_mid_conversion_removes_everything(upstream_file, tmp_path, signum, raised):
     sigterm_handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(raised):
-        _conversion_interrupted_by(lambda: os.kill(os.getpid(), signum), upstream_file, tmp_path / "out")
+    # Ctrl-C as in a fresh `hf-vlm convert` process: an earlier test in this worker (the Space's server)
+    # may have replaced Python's default SIGINT handler.
+    sigint_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(raised):
+            _conversion_interrupted_by(lambda: os.kill(os.getpid(), signum), upstream_file, tmp_path / "out")
+    finally:
+        signal.signal(signal.SIGINT, sigint_handler)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["upstream.safetensors"]
     assert signal.getsignal(signal.SIGTERM) is sigterm_handler  # the conversion's handler is gone again
 
