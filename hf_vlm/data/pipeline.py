@@ -5,27 +5,49 @@ ready for a collator: {"pixel_values": float tensor [3, H, W], "text": str} (tas
 {"pixel_values", "question": str, "answers": list[str]} (task "vqa"). Bad samples are dropped
 *before* batching, so every batch is full: contrastive losses gather features across ranks and need
 the same batch size on each.
-  - streaming (`datasets.IterableDataset`): bad samples are removed from the stream; the stream is
-    shuffled with a seeded buffer first (and reshuffled per epoch by the Trainer's `set_epoch`).
+  - streaming (`datasets.IterableDataset`): `PreparedStream`. Shards are shuffled per pass (datasets' shard
+    shuffle), samples within blocks of `shuffle_buffer` rows; the stream repeats (pass 0, 1, ...) so no rank runs
+    dry before another (the Trainer's --max_steps ends the run). Its `state_dict()` is the position in the
+    stream; a resumed run re-reads at most one block of undecoded rows instead of decoding everything consumed.
   - map-style (`datasets.Dataset`): index i is prepared; if it is bad it is counted and the next
     usable index takes its place (that one is counted when the sampler draws it itself), so every
     bad sample drawn in an epoch is counted exactly once. Shuffling is the Trainer's seeded sampler.
+Random augmentation is a function of (seed, epoch, position of the sample): each sample's transform runs on a
+torch RNG seeded from those, never on the global RNG. So the same sample gets the same crop in an uninterrupted
+and in a resumed run, whatever the number of DataLoader workers and whenever the Trainer restores its RNG state.
 Skips are counted in a `SkipCounter` (shared with DataLoader workers) and reported by
-`SkippedSamplesCallback`.
+`SkippedSamplesCallback`; a source that is mostly bad stops the run (`max_skip_fraction`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import copy
+import hashlib
+import multiprocessing
+from collections import Counter, deque
 
 import torch
 
 from .skips import SkipCounter, SkippedSample
-from .sources import TASK_COLUMNS
+from .sources import ERROR_COLUMN, TASK_COLUMNS
 from .transforms import load_rgb_image
 
 # Consecutive unusable samples after which a map-style dataset is declared broken rather than skipped.
 MAX_CONSECUTIVE_BAD_SAMPLES = 1000
+# Default for --max_skip_fraction: past this share of skips among the last SKIP_WINDOW samples a process
+# prepared, the source is declared broken (a wrong column, a dead mirror) instead of trained on silently.
+MAX_SKIP_FRACTION = 0.1
+SKIP_WINDOW = 1000
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, position...), stable across processes and Python versions."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class TooManySkips(RuntimeError):
+    """More than `max_skip_fraction` of the recent samples were unusable."""
 
 
 def sample_id(example: dict) -> str:
@@ -58,17 +80,36 @@ def _clean_answers(value) -> list[str]:
 
 
 class SamplePreparer:
-    """Turns one raw example (canonical columns) into a prepared one, or counts why it cannot."""
+    """Turns one raw example (canonical columns) into a prepared one, or counts why it cannot.
 
-    def __init__(self, image_transform, counter: SkipCounter, task: str = "caption"):
+    `max_skip_fraction` / `skip_window`: once `skip_window` samples have been drawn in this process, a share of
+    skips above `max_skip_fraction` among the last `skip_window` raises `TooManySkips`, naming the shards with
+    the most skips (None disables the check).
+    """
+
+    def __init__(self, image_transform, counter: SkipCounter, task: str = "caption", *, seed: int = 0,
+                 max_skip_fraction: float | None = MAX_SKIP_FRACTION, skip_window: int = SKIP_WINDOW):
         if task not in TASK_COLUMNS:
             raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_COLUMNS)}")
+        if max_skip_fraction is not None and not 0 < max_skip_fraction <= 1:
+            raise ValueError(f"max_skip_fraction must be in (0, 1], got {max_skip_fraction}")
         self.image_transform = image_transform
         self.counter = counter
         self.task = task
+        self.seed = seed
+        self.max_skip_fraction = max_skip_fraction
+        self.skip_window = skip_window
+        self.decoded = 0  # images decoded by this process (a resumed stream must not re-decode consumed ones)
+        self._recent: deque[bool] = deque(maxlen=skip_window)
+        self._skips_by_shard: Counter = Counter()
 
-    def prepare(self, example: dict) -> dict:
-        """The prepared sample; raises SkippedSample. Text is checked first: it costs no decoding."""
+    def prepare(self, example: dict, position: tuple[int, ...] = ()) -> dict:
+        """The prepared sample; raises SkippedSample. Text is checked first: it costs no decoding.
+        `position` (epoch, index...) seeds the random augmentation of this sample."""
+        error = example.get(ERROR_COLUMN)
+        if error:
+            reason, _, detail = error.partition("\t")
+            raise SkippedSample(reason, detail)
         if self.task == "caption":
             text = _clean_text(example.get("text"))
             if not text:
@@ -82,23 +123,38 @@ class SamplePreparer:
             if not answers:
                 raise SkippedSample("empty_answer", f"answers {example.get('answers')!r}")
             fields = {"question": question, "answers": answers}
+        self.decoded += 1
         image = load_rgb_image(example.get("image"))
-        return {"pixel_values": self.image_transform(image), **fields}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, *position))
+            pixel_values = self.image_transform(image)
+        return {"pixel_values": pixel_values, **fields}
 
-    def __call__(self, example: dict) -> dict | None:
+    def __call__(self, example: dict, position: tuple[int, ...] = ()) -> dict | None:
         """The prepared sample, or None after counting (and for the first few, logging) the skip."""
         try:
-            return self.prepare(example)
+            prepared = self.prepare(example, position)
         except SkippedSample as skip:
-            self.counter.add(skip.reason, sample_id(example), skip.detail)
+            where = sample_id(example)
+            self.counter.add(skip.reason, where, skip.detail)
+            self._skips_by_shard[example.get("__url__") or where.rsplit("/", 1)[0]] += 1
+            self._record(bad=True)
             return None
+        self._record(bad=False)
+        return prepared
 
-    def prepare_batch(self, batch: dict[str, list]) -> dict[str, list]:
-        """Batched form for `IterableDataset.map(batched=True)`: the output omits the bad rows."""
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        prepared = [p for p in map(self, rows) if p is not None]
-        keys = ["pixel_values", *TASK_COLUMNS[self.task][1:]]
-        return {key: [p[key] for p in prepared] for key in keys}
+    def _record(self, bad: bool) -> None:
+        self._recent.append(bad)
+        if self.max_skip_fraction is None or len(self._recent) < self.skip_window:
+            return
+        bad_count = sum(self._recent)
+        if bad_count > self.max_skip_fraction * self.skip_window:
+            worst = ", ".join(f"{shard} ({n})" for shard, n in self._skips_by_shard.most_common(5))
+            raise TooManySkips(
+                f"{bad_count} of the last {self.skip_window} samples were unusable (more than max_skip_fraction="
+                f"{self.max_skip_fraction}; skipped so far: {self.counter.counts()}). Shards with the most skips: "
+                f"{worst}. Fix or remove them, or raise --max_skip_fraction."
+            )
 
 
 class PreparedDataset(torch.utils.data.Dataset):
@@ -107,12 +163,19 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __init__(self, dataset, preparer: SamplePreparer):
         self.dataset = dataset
         self.preparer = preparer
+        # Set by the Trainer (accelerate calls dataset.set_epoch) in the main process; shared so that persistent
+        # DataLoader workers see it too. It seeds the augmentation with the index.
+        self._epoch = multiprocessing.get_context("spawn").Value("q", 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        prepared = self.preparer(self.dataset[index])  # counts a bad sample
+        position = (self._epoch.value, index)
+        prepared = self.preparer(self.dataset[index], position)  # counts a bad sample
         offset = 0
         while prepared is None:
             offset += 1
@@ -122,11 +185,85 @@ class PreparedDataset(torch.utils.data.Dataset):
                     f"(skipped so far: {self.preparer.counter.counts()}); the dataset looks broken"
                 )
             replacement = self.dataset[(index + offset) % len(self.dataset)]
-            try:
-                prepared = self.preparer.prepare(replacement)  # not counted here: counted at its own index
+            try:  # not counted here: counted at its own index
+                prepared = self.preparer.prepare(replacement, position)
             except SkippedSample:
                 prepared = None
         return prepared
+
+
+class PreparedStream(torch.utils.data.IterableDataset):
+    """Prepared samples from a streaming `datasets.IterableDataset`, repeated pass after pass, resumable.
+
+    With `repeat=True` (training) the stream never ends: every rank keeps producing batches until the Trainer's
+    --max_steps, so a rank whose shards run out first cannot leave the others waiting in a collective.
+    Order: per pass, datasets shuffles the shard order (seed + pass); within the stream, blocks of `block_size`
+    raw rows are permuted with a seed of (seed, epoch, pass, block). `state_dict()` records the raw dataset's
+    state at the start of the current block and how far into the block this process is; `load_state_dict()` puts
+    the next iteration there. torchdata's StatefulDataLoader calls both in each DataLoader worker.
+    """
+
+    def __init__(self, dataset, preparer: SamplePreparer, *, seed: int = 0, block_size: int = 1000,
+                 repeat: bool = False):
+        self.repeat = repeat
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=1)  # shard order only: blocks do the rest
+        self.preparer = preparer
+        self.seed = seed
+        self.block_size = max(1, block_size)
+        self.epoch = 0
+        self._position = {"pass": 0, "block": 0, "offset": 0, "block_start": None}
+        self._resume_from = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, **copy.deepcopy(self._position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_from = copy.deepcopy(state)
+
+    def _blocks(self, pass_number: int, start_state):
+        """(raw state at block start, rows) for each block of one pass."""
+        self.dataset.set_epoch(pass_number)
+        if start_state is not None:
+            self.dataset.load_state_dict(start_state)
+        rows = iter(self.dataset)
+        while True:
+            state = copy.deepcopy(self.dataset.state_dict())
+            block = [row for _, row in zip(range(self.block_size), rows)]
+            if not block:
+                return
+            yield state, block
+
+    def __iter__(self):
+        resume, self._resume_from = self._resume_from, None
+        pass_number = resume["pass"] if resume else 0
+        if resume:
+            self.epoch = resume["epoch"]
+        while True:
+            yielded_any = False
+            start_state = resume["block_start"] if resume else None
+            block_number = resume["block"] if resume else 0
+            skip = resume["offset"] if resume else 0
+            resume = None
+            for state, block in self._blocks(pass_number, start_state):
+                order = torch.randperm(len(block), generator=torch.Generator().manual_seed(
+                    sample_seed(self.seed, self.epoch, pass_number, block_number)))
+                for offset, row_index in enumerate(order.tolist()):
+                    if offset < skip:
+                        continue  # consumed before the checkpoint: not decoded again
+                    self._position = {"pass": pass_number, "block": block_number, "offset": offset + 1,
+                                      "block_start": state}
+                    yielded_any = True
+                    prepared = self.preparer(block[row_index], (self.epoch, pass_number, block_number, offset))
+                    if prepared is not None:
+                        yield prepared
+                skip = 0
+                block_number += 1
+            if not (self.repeat and yielded_any):
+                return  # one pass asked for, or this worker/rank has no data at all: stop instead of spinning
+            pass_number += 1
 
 
 def prepare_dataset(
@@ -137,25 +274,24 @@ def prepare_dataset(
     task: str | None = None,
     shuffle_buffer: int = 1000,
     seed: int = 0,
-    map_batch_size: int = 16,
+    max_skip_fraction: float | None = MAX_SKIP_FRACTION,
+    skip_window: int = SKIP_WINDOW,
+    repeat: bool = False,
 ):
     """Prepared training samples from a dataset made by `load_image_text_dataset`.
 
-    Returns a `PreparedDataset` (map-style, for `datasets.Dataset`) or a `datasets.IterableDataset`
-    (streaming; shuffled with a `shuffle_buffer`-sample buffer and `seed`, 0 disables shuffling).
+    Returns a `PreparedDataset` (map-style, for `datasets.Dataset`) or a `PreparedStream` (streaming; blocks of
+    `shuffle_buffer` rows shuffled with `seed`, 1 keeps the order of the shards; `repeat=True`: pass after pass).
     `task` ("caption" or "vqa") defaults to the one the dataset's columns were loaded for.
     """
     import datasets
 
     if task is None:
         task = "vqa" if "question" in _columns(dataset) else "caption"
-    preparer = SamplePreparer(image_transform, counter, task)
+    preparer = SamplePreparer(image_transform, counter, task, seed=seed, max_skip_fraction=max_skip_fraction,
+                              skip_window=skip_window)
     if isinstance(dataset, datasets.IterableDataset):
-        if shuffle_buffer:
-            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        return dataset.map(
-            preparer.prepare_batch, batched=True, batch_size=map_batch_size, remove_columns=_columns(dataset)
-        )
+        return PreparedStream(dataset, preparer, seed=seed, block_size=shuffle_buffer or 1, repeat=repeat)
     if isinstance(dataset, datasets.Dataset):
         return PreparedDataset(dataset, preparer)
     raise TypeError(

@@ -18,7 +18,17 @@ logger = logging.getLogger(__name__)
 
 # Why a sample was dropped. One counter each, always reported (zeros included) so every logging
 # backend sees the same keys from step one.
-SKIP_REASONS = ("corrupt_image", "empty_caption", "empty_question", "empty_answer")
+SKIP_REASONS = (
+    "corrupt_image",  # no image, zero bytes, not an image, truncated or undecodable
+    "oversized_image",  # more pixels than the decompression-bomb limit
+    "empty_caption",
+    "empty_question",
+    "empty_answer",
+    "bad_text_encoding",  # a caption/metadata line that is not UTF-8
+    "bad_json",  # a .json member or metadata.jsonl line that does not parse
+    "truncated_member",  # a tar member cut short: its sample and the rest of that shard
+    "unreadable_shard",  # a shard that cannot be opened or read (missing, HTTP error, failed pipe: command)
+)
 
 
 class SkippedSample(Exception):
