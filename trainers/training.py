@@ -12,6 +12,11 @@ Stages (recipes/__init__.py lists them) pick the model class and the data recipe
   blip2-caption / blip2-vqa   Blip2FlanT5ForConditionalGeneration fine-tuning (prompted)
 Which parts are frozen is a fact of the model config (freeze_vision / freeze_language_model); the
 model sets requires_grad from it and the Trainer's optimizer only takes trainable parameters.
+
+Checkpoints (checkpoints.py): every `checkpoint-N` holds the processor and the model's remote-code files, and
+counts only once its completion marker is written, after every file and every `on_save` callback;
+`--resume_from_checkpoint last` takes the newest complete one. `--eval_data` adds the Trainer's own eval loop
+(eval loss every --eval_steps) on the evaluation transform of the same data pipeline.
 """
 
 from __future__ import annotations
@@ -88,6 +93,11 @@ class DataArguments:
         metadata={"help": "training image augmentation (none: the evaluation transform); default: the recipe's",
                   "choices": sorted(AUGMENTATIONS)},
     )
+    eval_data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "evaluation sources (as --train_data, evaluation transform): eval loss every --eval_steps "
+                  "(turns on --eval_strategy steps; --eval_steps defaults to --logging_steps)"},
+    )
     max_length: int | None = field(default=None, metadata={"help": "text tokens; default: the data recipe's"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle buffer (samples)"})
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder"})
@@ -121,8 +131,9 @@ def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], pro
     known, _ = first.parse_known_args(argv)
 
     parser = HfArgumentParser((RecipeArguments, ModelArguments, DataArguments, TrainingArguments), prog=prog)
-    # Our defaults for every recipe: the batches carry raw images/text columns the model does not name.
-    parser.set_defaults(remove_unused_columns=False)
+    # Our defaults for every recipe: the batches carry raw images/text columns the model does not name; evaluation
+    # reports the loss only (no compute_metrics), so the eval loop need not gather every batch's logits.
+    parser.set_defaults(remove_unused_columns=False, prediction_loss_only=True)
     recipe = None
     if known.recipe:
         try:
@@ -140,6 +151,12 @@ def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], pro
         raise SystemExit(f"{prog}: --recipe is required")
 
     namespace.deepspeed = _resolve_deepspeed(namespace.deepspeed)
+    evaluates = _enum_value(namespace.eval_strategy) != "no"
+    if namespace.eval_data and not evaluates:  # --eval_data alone means: evaluate during training
+        namespace.eval_strategy = "steps"
+    elif evaluates and not namespace.eval_data:
+        raise SystemExit(f"{prog}: --eval_strategy {_enum_value(namespace.eval_strategy)} needs --eval_data "
+                         "(one or more PATH[@WEIGHT] sources)")
     if init_distributed_state(use_deepspeed=bool(namespace.deepspeed)):
         namespace.accelerator_config = {**(namespace.accelerator_config or {}), "use_configured_state": True}
 
@@ -156,13 +173,16 @@ def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], pro
     return recipe, model_args, data_args, training_args
 
 
+def _enum_value(value) -> str:
+    return str(value.value if hasattr(value, "value") else value)
+
+
 def _min_lr_as_rate(training_args) -> None:
     """`cosine_with_min_lr` with {"min_lr": X}: transformers computes X / optimizer.defaults["lr"], and the
     DeepSpeed ZeRO optimizers have no `defaults` (AttributeError at scheduler creation). The same schedule
     is {"min_lr_rate": X / learning_rate}, which needs no optimizer attribute."""
     kwargs = training_args.lr_scheduler_kwargs
-    if str(training_args.lr_scheduler_type.value if hasattr(training_args.lr_scheduler_type, "value")
-           else training_args.lr_scheduler_type) != "cosine_with_min_lr":
+    if _enum_value(training_args.lr_scheduler_type) != "cosine_with_min_lr":
         return
     if isinstance(kwargs, dict) and "min_lr" in kwargs:
         kwargs = dict(kwargs)
@@ -247,8 +267,9 @@ def _is_processor(obj) -> bool:
     return isinstance(obj, ProcessorMixin)
 
 
-def build_data(stage: Stage, model, processor, data_args: DataArguments, training_args):
-    """hf_vlm.data's training data for the stage: dataset, collator and the skip counter."""
+def build_data(stage: Stage, model, processor, data_args: DataArguments, training_args, *, train: bool = True):
+    """hf_vlm.data's data for the stage: dataset, collator and the skip counter. train=True: --train_data with
+    the training augmentation; train=False: --eval_data with the evaluation transform, same pipeline."""
     from hf_vlm.data import build_image_transform, build_training_data, data_recipe
 
     image_size = data_args.image_size or model.config.vision_config.image_size
@@ -259,18 +280,29 @@ def build_data(stage: Stage, model, processor, data_args: DataArguments, trainin
         kwargs["image_size"] = image_size
     else:  # a bare tokenizer: the image transform follows the recipe at the model's image size
         kwargs["tokenizer"] = processor
-        kwargs["image_transform"] = build_image_transform(augmentation, image_size=image_size)
+        kwargs["image_transform"] = build_image_transform(augmentation, train=train, image_size=image_size)
     return build_training_data(
         stage.data_recipe,
-        data_args.train_data,
+        data_args.train_data if train else data_args.eval_data,
+        train=train,
         augmentation=augmentation,
         max_length=data_args.max_length,
         streaming=data_args.streaming,
         seed=training_args.seed,
-        shuffle_buffer=data_args.shuffle_buffer,
+        # evaluation order does not matter for a mean loss: no shuffle buffer to fill
+        shuffle_buffer=data_args.shuffle_buffer if train else 0,
         cache_dir=data_args.dataset_cache_dir,
         **kwargs,
     )
+
+
+def _label_names(stage: Stage) -> list[str]:
+    """The batch keys the Trainer's eval loop needs before it computes a loss. transformers guesses them from
+    forward's signature (CocaModel: `labels`), but CoCa and BLIP-2 stage 1 batches carry `return_loss=True`
+    and no labels: with the guess, evaluation would report no eval_loss for them."""
+    from hf_vlm.data import data_recipe
+
+    return ["labels"] if data_recipe(stage.data_recipe).text_role == "labels" else []
 
 
 def check_tokenizer_fits(model, tokenizer) -> None:
@@ -302,9 +334,9 @@ def forward_uses_num_items_in_batch(model) -> bool:
 def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, callbacks=()) -> str:
     """Parse, build, train, save. Returns the output folder. `callbacks`: extra TrainerCallbacks."""
     from transformers import Trainer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from hf_vlm.data import SkippedSamplesCallback
+    from hf_vlm.trainers.checkpoints import CompleteCheckpointCallback, resolve_resume
     from hf_vlm.trainers.distributed import patch_deepspeed_scalar_broadcast
 
     recipe, model_args, data_args, training_args = parse_arguments(argv, allowed_stages, prog)
@@ -317,31 +349,37 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
     processor = load_processor(model_args)
     data = build_data(stage, model, processor, data_args, training_args)
     check_tokenizer_fits(model, data.collator.tokenizer)
+    eval_dataset = None
+    if data_args.eval_data:
+        eval_dataset = build_data(stage, model, processor, data_args, training_args, train=False).dataset
+        if training_args.label_names is None:
+            training_args.label_names = _label_names(stage)
 
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=data.dataset,
+        eval_dataset=eval_dataset,
         data_collator=data.collator,
+        processing_class=processor,  # saved into every checkpoint-N: checkpoints evaluate and fine-tune as they are
         callbacks=list(callbacks),
     )
     # First in line, so that report_to integrations (TensorBoard, W&B) log the skip counts too.
     skips = SkippedSamplesCallback.attach(trainer, data.counter)
     trainer.model_accepts_loss_kwargs = forward_uses_num_items_in_batch(model)
 
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":  # convenience: the newest checkpoint-N in output_dir
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            raise SystemExit(f"{prog}: --resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
+    # Last in line: a checkpoint is marked complete after every other on_save callback has written into it.
+    CompleteCheckpointCallback.attach(trainer)
+
+    # `last`: the newest complete checkpoint-N in output_dir; a path must be a complete checkpoint.
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, prog)
     trainer.train(resume_from_checkpoint=resume)
 
-    # Final weights + processor in output_dir: `from_pretrained(output_dir)` loads the trained model.
+    # Final weights + processor (the Trainer's processing_class) in output_dir: `from_pretrained(output_dir)`.
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the log history (losses, skip counts) of the whole run
     skipped = skips.skipped_counts(training_args)  # a collective: every rank calls it
     if trainer.is_world_process_zero():
-        processor.save_pretrained(training_args.output_dir)
         summary = {"recipe": recipe.name, "stage": recipe.stage, "model": model_args.model,
                    "init_qformer_from": model_args.init_qformer_from, "global_step": trainer.state.global_step,
                    "skipped_samples": skipped}
