@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from typing import Any
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from hf_vlm.data import images as image_decoding  # the one decoder: training, eval and the Space
 from hf_vlm.data.collators import VQA_PROMPT  # the prompt BLIP-2's VQA fine-tune is trained with
+from hf_vlm.data.skips import SkippedSample
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,10 @@ DEMO_DIR_ENV = "HF_VLM_DEMO_DIR"
 DEFAULT_DEMO_DIR = ".demo"
 
 # Input limits: what a visitor may send before getting a message instead of a result.
-MAX_IMAGE_SIDE = 1024  # larger images are downscaled (with a notice) before the processor sees them
-MAX_IMAGE_PIXELS = 50_000_000  # larger files are refused before they are decoded
+# Larger files are refused before they are decoded: the decoder's own decompression-bomb limit, one fact for
+# training, eval and the Space. Any size below it reaches the processor as decoded (no downscaling here), so
+# the Space's pixel_values are those of `hf-vlm eval` and of training's evaluation transform.
+MAX_IMAGE_PIXELS = image_decoding.MAX_IMAGE_PIXELS
 MAX_UPLOAD_SIZE = "25mb"
 MAX_QUESTION_CHARS = 200
 MAX_LABELS = 20
@@ -173,15 +178,18 @@ def load_models(blip2: str | None = None, coca: str | None = None) -> SpaceModel
 def check_image_file(path: str | Path, name: str | None = None) -> None:
     """Refuse a file that is not an image, or has too many pixels to decode, with a message naming it."""
     name = name or Path(path).name
-    limit = f"images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted"
+    max_pixels = image_decoding.MAX_IMAGE_PIXELS  # read at call time: the decoder's limit is the one fact
+    limit = f"images up to {max_pixels // 1_000_000} megapixels are accepted"
     try:
-        with Image.open(path) as header:  # reads the header only
-            width, height = header.size
+        with warnings.catch_warnings():  # PIL's warning threshold is above ours: refused just below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as header:  # reads the header only
+                width, height = header.size
     except Image.DecompressionBombError:  # PIL's own limit (far above ours) refuses to even open it
         raise gr.Error(f"{name} has far too many pixels; {limit}.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise gr.Error(f"{name} is not a readable image ({type(err).__name__}). Upload a PNG, JPEG or WebP.") from None
-    if width * height > MAX_IMAGE_PIXELS:
+    if width * height > max_pixels:
         raise gr.Error(f"{name} is {width}×{height} pixels; {limit}.")
 
 
@@ -204,17 +212,37 @@ def checked_image(**kwargs) -> gr.Image:
     return image
 
 
-def prepare_image(image: Image.Image | None) -> tuple[Image.Image, str]:
-    """RGB image, downscaled to MAX_IMAGE_SIDE if larger, and a notice saying what was done ('' if nothing)."""
+def prepare_image(image: Image.Image | str | Path | None) -> tuple[Image.Image, str]:
+    """The RGB image the models see, decoded by the one decoder (`hf_vlm.data.load_rgb_image`: EXIF
+    orientation, 16-bit/float scaling, transparency on white), and a notice saying what decoding changed
+    that a visitor might not expect ('' if nothing). `image`: an uploaded file's path (what the image inputs
+    give) or a PIL image."""
     if image is None:
         raise gr.Error("No image: upload one, or click an example.")
-    image = image.convert("RGB")
-    width, height = image.size
-    if max(width, height) <= MAX_IMAGE_SIDE:
-        return image, ""
-    image = image.copy()
-    image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), Image.Resampling.LANCZOS)
-    return image, f"Note: the image was downscaled from {width}×{height} to {image.width}×{image.height} pixels."
+    name = Path(image).name if isinstance(image, (str, Path)) else "The image"
+    try:
+        if isinstance(image, Image.Image):
+            return image_decoding.load_rgb_image(image), decoding_notice(image)
+        with image_decoding.open_image(str(image)) as opened:
+            return image_decoding.load_rgb_image(opened), decoding_notice(opened)
+    except SkippedSample as skip:
+        raise gr.Error(f"{name} could not be decoded as an image: {skip.detail}") from None
+
+
+def decoding_notice(image: Image.Image) -> str:
+    """What `load_rgb_image` does to `image` (not yet converted) beyond decoding it, as a sentence ('' if nothing)."""
+    notes = []
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block is ignored by the decoder too
+        orientation = 1
+    if orientation not in (1, None):
+        notes.append("rotated upright as its EXIF orientation says")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        notes.append(f"scaled from {'floating point' if image.mode == 'F' else '16 bits'} to 8 bits per channel")
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        notes.append("put on a white background where transparent")
+    return f"Note: the image was {' and '.join(notes)}." if notes else ""
 
 
 def check_question(question: str | None, what: str = "question") -> str:
@@ -382,8 +410,7 @@ class SpaceApp:
         images, notices = [], []
         for path in paths:
             check_image_file(path)
-            with Image.open(path) as opened:
-                image, notice = prepare_image(opened)
+            image, notice = prepare_image(path)
             images.append(image)
             if notice:
                 notices.append(f"{Path(path).name}: {notice}")
@@ -455,7 +482,11 @@ def _generation_controls():
 
 
 def _image_input(elem_id: str) -> gr.Image:
-    return checked_image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id=elem_id, height=320)
+    # The uploaded file itself (type="filepath", image_mode=None: gradio neither decodes nor converts it), decoded
+    # by prepare_image with the decoder training and eval use: gradio's own PIL conversion would turn a 16-bit
+    # PNG near-white and put transparency on black.
+    return checked_image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
+                         elem_id=elem_id, height=320)
 
 
 def build_demo(models: SpaceModels, examples_dir: str | Path | None = None) -> gr.Blocks:

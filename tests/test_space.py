@@ -39,16 +39,17 @@ def png_header_claiming(width: int, height: int) -> bytes:
 # ------------------------------------------------------------------------------------------ input checks
 
 
-def test_small_images_pass_unchanged_and_large_ones_are_downscaled_with_a_notice():
+def test_images_reach_the_processor_as_the_shared_decoder_gives_them_at_full_size():
+    """No downscaling: the Space's pixel_values are eval's and training's (tests/test_images.py)."""
     small = Image.new("RGBA", (300, 200), (255, 0, 0, 128))
     image, notice = space.prepare_image(small)
-    assert image.mode == "RGB" and image.size == (300, 200) and notice == ""
+    assert image.mode == "RGB" and image.size == (300, 200) and image.getpixel((0, 0)) == (255, 127, 127)
+    assert notice == "Note: the image was put on a white background where transparent."
 
     large = Image.new("RGB", (3000, 1500), "blue")
     image, notice = space.prepare_image(large)
-    assert image.size == (space.MAX_IMAGE_SIDE, space.MAX_IMAGE_SIDE // 2)
-    assert notice == f"Note: the image was downscaled from 3000×1500 to {space.MAX_IMAGE_SIDE}×512 pixels."
-    assert large.size == (3000, 1500)  # the caller's image is left alone
+    assert image.size == (3000, 1500) and notice == ""
+    assert image is not large and large.mode == "RGB"  # the caller's image is left alone
 
 
 def test_a_missing_image_is_a_message():
@@ -404,13 +405,13 @@ def test_retrieve_endpoint_ranks_the_uploaded_images_by_the_query(client, models
     assert notice == ""
 
 
-def test_an_enormous_image_is_downscaled_with_a_visible_notice(client, models, tmp_path):
+def test_what_decoding_changed_is_a_visible_notice(client, models, tmp_path):
     from gradio_client import handle_file
 
-    big = tmp_path / "big.png"
-    Image.new("RGB", (4000, 2000), "red").save(big)
-    *_, notice = client.predict(handle_file(str(big)), *GREEDY, api_name="/caption")
-    assert notice == f"Note: the image was downscaled from 4000×2000 to {space.MAX_IMAGE_SIDE}×512 pixels."
+    deep = tmp_path / "deep.png"
+    Image.new("I;16", (64, 48), 30000).save(deep)
+    *_, notice = client.predict(handle_file(str(deep)), *GREEDY, api_name="/caption")
+    assert notice == "Note: the image was scaled from 16 bits to 8 bits per channel."
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,21 @@
-"""Image decoding and the per-recipe image transforms (torchvision.transforms.v2).
+"""The per-recipe image transforms: training augmentation (torchvision.transforms.v2) and the evaluation
+transform (a transformers image processor, the model's own when there is one).
 
-`load_rgb_image` turns whatever an image column holds (datasets' {"bytes", "path"} dict, raw bytes,
-a file path, a PIL image) into a fully decoded RGB PIL image, or raises `SkippedSample` so the
-pipeline counts it: corrupt, truncated and undecodable files never reach the model.
+Decoding is not done here: `load_rgb_image` / `to_rgb` (re-exported from here and from hf_vlm.data) live in
+hf_vlm.data.images, the one decoder that training, `hf-vlm eval` and the Space share.
 
-`build_image_transform` gives the training augmentation of each recipe and the deterministic
-evaluation transform; both end in a float32 tensor normalized with the CLIP mean/std (or the
-model's image processor's).
+The evaluation transform is the model's image processor applied to the decoded RGB image, so the trainer's
+evaluation (and "none"-augmentation) samples, `hf-vlm eval`, the processor itself and the Space give
+bit-identical `pixel_values` for the same file. Without a processor, `build_image_transform(train=False)`
+builds the image processor that the model family's processor uses (see EVAL_RESIZE), with the same
+arguments as `CocaProcessor.from_tokenizer` / `Blip2FlanT5Processor.from_tokenizers`.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
+
+from .images import load_rgb_image, to_rgb  # noqa: F401  (re-exported: pipeline.py and users import them here)
 
 # OpenAI CLIP statistics: used by CoCa (open_clip) and by BLIP-2's EVA ViT (LAVIS, transformers).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -28,75 +31,59 @@ AUGMENTATIONS = {
     "none": None,
 }
 
-
-def _image_file(value):
-    """The bytes or path an image column value points to (datasets' Image(decode=False) gives a dict)."""
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return io.BytesIO(value["bytes"])
-        if value.get("path"):
-            return value["path"]
-        raise ValueError("image entry has neither bytes nor a path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return io.BytesIO(bytes(value))
-    if isinstance(value, str):
-        return value
-    raise ValueError(f"unsupported image value of type {type(value).__name__}")
+# How each model family evaluates, i.e. what its processor's image processor does (bicubic, CLIP mean/std):
+# - "square": BLIP-2 resizes the whole image to image_size x image_size, aspect ratio not kept (LAVIS
+#   `blip_image_eval`: Resize((s, s)); transformers' BlipImageProcessor; Blip2FlanT5Processor);
+# - "shortest_edge": CoCa resizes the short side to image_size and center-crops (open_clip's eval
+#   transform: Resize(s) + CenterCrop(s); transformers' CLIPImageProcessor; CocaProcessor).
+# "none" names no family: it gets the open_clip form (pass the model's processor to get the model's own).
+EVAL_RESIZE = {"blip2": "square", "coca": "shortest_edge", "none": "shortest_edge"}
 
 
-def to_rgb(image):
-    """RGB view of a PIL image: alpha (RGBA, LA, palette transparency) is composited onto white,
-    CMYK/L/P/YCbCr/16-bit are converted; EXIF rotation is applied so the picture is upright."""
-    from PIL import Image, ImageOps
+class ImageProcessorTransform:
+    """RGB PIL image -> float32 `pixel_values` [3, H, W] through a transformers image processor (the
+    evaluation transform). `kwargs` are passed on each call (size / mean / std overrides)."""
 
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits instead of clipping everything above 255 to white.
-        import numpy as np
+    def __init__(self, image_processor, **kwargs):
+        self.image_processor = image_processor
+        self.kwargs = kwargs
 
-        array = np.asarray(image, dtype=np.float32)
-        peak = array.max() if array.size else 0.0
-        scale = 255.0 / (65535.0 if peak > 255 else 255.0)
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
+    def __call__(self, image):
+        return self.image_processor(images=image, return_tensors="pt", **self.kwargs)["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
+        return f"{type(self).__name__}({type(self.image_processor).__name__}{extra})"
 
 
-def load_rgb_image(value, sample_id: str | None = None):
-    """Decode an image column value completely and convert it to RGB.
+def evaluation_image_processor(
+    recipe: str = "blip2",
+    *,
+    image_size: int = 224,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+):
+    """The transformers image processor of the recipe's model family (EVAL_RESIZE), configured as that
+    family's processor builds it."""
+    from transformers import BlipImageProcessor, CLIPImageProcessor
+    from transformers.image_utils import PILImageResampling
 
-    Raises `SkippedSample("corrupt_image", ...)` for anything that is not a whole, decodable image
-    (random bytes, a truncated JPEG, a missing file...). Decoding is forced with `load()`, because
-    PIL opens lazily and a truncated file only fails when its pixels are read.
-    """
-    from PIL import Image
-
-    from .skips import SkippedSample
-
-    where = f"{sample_id}: " if sample_id else ""
-    if value is None:
-        raise SkippedSample("corrupt_image", f"{where}no image")
-    if isinstance(value, Image.Image):
-        image = value
-    else:
-        try:
-            image = Image.open(_image_file(value))
-            image.load()
-        # PIL signals undecodable data with many types (OSError, SyntaxError, ValueError,
-        # DecompressionBombError, struct.error...): any failure to decode one sample is a skip.
-        except Exception as err:
-            raise SkippedSample("corrupt_image", f"{where}{type(err).__name__}: {err}") from err
-    try:
-        return to_rgb(image)
-    except Exception as err:
-        raise SkippedSample("corrupt_image", f"{where}cannot convert {image.mode} to RGB: {err}") from err
+    if recipe not in EVAL_RESIZE:
+        raise ValueError(f"unknown image augmentation {recipe!r}; expected one of {sorted(EVAL_RESIZE)}")
+    if EVAL_RESIZE[recipe] == "square":
+        return BlipImageProcessor(
+            size={"height": image_size, "width": image_size},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=list(mean),
+            image_std=list(std),
+            do_convert_rgb=True,
+        )
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(mean),
+        image_std=list(std),
+    )
 
 
 def build_image_transform(
@@ -111,8 +98,9 @@ def build_image_transform(
     """PIL RGB image -> normalized float32 tensor [3, image_size, image_size].
 
     train=True: the recipe's augmentation (see AUGMENTATIONS; `crop_scale` overrides its crop range).
-    train=False, or the "none" recipe: deterministic resize of the short side + center crop, as used
-    for evaluation.
+    train=False, or the "none" recipe: the deterministic evaluation transform of the recipe's model family,
+    an `ImageProcessorTransform` over `evaluation_image_processor` (BLIP-2: square resize; CoCa and
+    "none": short side + center crop; see EVAL_RESIZE).
     Random choices come from torch's global RNG, which DataLoader seeds per worker from the run's seed.
     """
     import torch
@@ -126,24 +114,25 @@ def build_image_transform(
         raise ValueError(f"mean and std need 3 values (RGB), got mean={list(mean)} std={list(std)}")
     bicubic = InterpolationMode.BICUBIC
     augmentation = AUGMENTATIONS[recipe] if train else None
-    if augmentation is not None:
-        steps = [
-            v2.RandomResizedCrop(
-                image_size,
-                scale=crop_scale or augmentation["crop_scale"],
-                interpolation=bicubic,
-                antialias=True,
-            )
-        ]
-        if augmentation["horizontal_flip"]:
-            steps.append(v2.RandomHorizontalFlip())
-        if augmentation["color_jitter"]:
-            brightness, contrast, saturation, hue = augmentation["color_jitter"]
-            steps.append(
-                v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
-            )
-    else:
-        steps = [v2.Resize(image_size, interpolation=bicubic, antialias=True), v2.CenterCrop(image_size)]
+    if augmentation is None:
+        return ImageProcessorTransform(
+            evaluation_image_processor(recipe, image_size=image_size, mean=mean, std=std)
+        )
+    steps = [
+        v2.RandomResizedCrop(
+            image_size,
+            scale=crop_scale or augmentation["crop_scale"],
+            interpolation=bicubic,
+            antialias=True,
+        )
+    ]
+    if augmentation["horizontal_flip"]:
+        steps.append(v2.RandomHorizontalFlip())
+    if augmentation["color_jitter"]:
+        brightness, contrast, saturation, hue = augmentation["color_jitter"]
+        steps.append(
+            v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+        )
     steps += [
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
@@ -153,21 +142,65 @@ def build_image_transform(
 
 
 def image_transform_from_processor(processor, recipe: str = "blip2", *, train: bool = True, **overrides):
-    """`build_image_transform` with the size and mean/std of a model's processor (or image processor)."""
+    """The image transform for a model's processor (or image processor).
+
+    Evaluation (train=False, or the "none" recipe): the processor's own image processor, so the pixels are
+    exactly the processor's (`image_size`, `mean`, `std` in `overrides` are passed to it on each call).
+    Training: `build_image_transform`'s augmentation with the processor's size and mean/std.
+    """
     image_processor = getattr(processor, "image_processor", processor)
+    if recipe not in AUGMENTATIONS:
+        raise ValueError(f"unknown image augmentation {recipe!r}; expected one of {sorted(AUGMENTATIONS)}")
+    if (not train or AUGMENTATIONS[recipe] is None) and callable(image_processor):
+        return ImageProcessorTransform(image_processor, **_call_overrides(image_processor, **overrides))
     kwargs = {}
-    # transformers' image processors give sizes as ints, dicts or SizeDicts (height/width or shortest_edge).
-    for size in (getattr(image_processor, "crop_size", None), getattr(image_processor, "size", None)):
-        if isinstance(size, dict):
-            size = size.get("height") or size.get("shortest_edge")
-        elif size is not None and not isinstance(size, int):
-            size = getattr(size, "height", None) or getattr(size, "shortest_edge", None)
-        if isinstance(size, int):
-            kwargs["image_size"] = size
-            break
+    size = _processor_image_size(image_processor)
+    if size is not None:
+        kwargs["image_size"] = size
     for name, key in (("image_mean", "mean"), ("image_std", "std")):
         value = getattr(image_processor, name, None)
         if value is not None:
             kwargs[key] = tuple(value)
     kwargs.update(overrides)
     return build_image_transform(recipe, train=train, **kwargs)
+
+
+def _size_value(size, *keys):
+    if isinstance(size, int):
+        return size
+    for key in keys:
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _processor_image_size(image_processor) -> int | None:
+    """The side of the square an image processor outputs: its crop size, else its size (ints, dicts or
+    SizeDicts with height/width or shortest_edge)."""
+    crop = getattr(image_processor, "crop_size", None) if getattr(image_processor, "do_center_crop", True) else None
+    for size in (crop, getattr(image_processor, "size", None)):
+        if size is not None:
+            value = _size_value(size, "height", "shortest_edge")
+            if value is not None:
+                return value
+    return None
+
+
+def _call_overrides(image_processor, image_size: int | None = None, mean=None, std=None, crop_scale=None) -> dict:
+    """Keyword arguments for the image processor's call that apply build_image_transform-style overrides
+    (nothing when they match what it does already; `crop_scale` is a training-only setting)."""
+    kwargs = {}
+    if image_size is not None and image_size != _processor_image_size(image_processor):
+        size = getattr(image_processor, "size", None)
+        if _size_value(size, "shortest_edge") is not None and _size_value(size, "height") is None:
+            kwargs["size"] = {"shortest_edge": image_size}
+        else:
+            kwargs["size"] = {"height": image_size, "width": image_size}
+        if getattr(image_processor, "crop_size", None) is not None:
+            kwargs["crop_size"] = {"height": image_size, "width": image_size}
+    for key, value, current in (("image_mean", mean, getattr(image_processor, "image_mean", None)),
+                                ("image_std", std, getattr(image_processor, "image_std", None))):
+        if value is not None and (current is None or list(value) != list(current)):
+            kwargs[key] = list(value)
+    return kwargs

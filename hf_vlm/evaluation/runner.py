@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import datetime
 import glob
-import io
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_vlm.data.collators import VQA_PROMPT  # the prompt BLIP-2's VQA fine-tune is trained with
+from hf_vlm.data.images import load_rgb_image  # the one image decoder (training, eval, the Space)
+from hf_vlm.data.skips import SkippedSample
 from hf_vlm.evaluation.captioning import caption_metrics
 from hf_vlm.evaluation.ranking import retrieval_recall, topk_accuracy
 from hf_vlm.evaluation.results import format_table, save_results
@@ -35,6 +37,10 @@ TASKS_BY_MODEL_TYPE = {"coca": ("caption", "zero-shot", "retrieval"), "blip2_fla
 DEFAULT_ZERO_SHOT_TEMPLATE = "a photo of a {}."
 DEFAULT_SCENE_SAMPLES = 200
 IMAGE_COLUMNS = ("image", "png", "jpg", "jpeg", "webp")
+UNDECODABLE_IMAGE = "undecodable image"  # the skip reason of an image load_rgb_image refuses
+MAX_SKIP_WARNINGS = 10  # the first skipped images are logged with what was wrong; later ones only counted
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,10 +95,13 @@ def load_eval_data(spec: str = "scenes:test", *, num_samples: int | None = None,
         if value is None:
             data.skip("no image")
             continue
+        where = row.get("__key__") or (value.get("path") if isinstance(value, dict) else None)
         try:
-            image = _decode_image(value)
-        except (OSError, SyntaxError, ValueError):  # what PIL raises for an undecodable image
-            data.skip("undecodable image")
+            image = _decode_image(value, where)
+        except SkippedSample as skip:  # zero bytes, not an image, truncated, a decompression bomb...
+            data.skip(UNDECODABLE_IMAGE)
+            if data.skipped[UNDECODABLE_IMAGE] <= MAX_SKIP_WARNINGS:
+                logger.warning("--data %s: skipped an undecodable image (%s)", spec, skip.detail)
             continue
         _add_row(data, image, row)
         if row.get("label_name") is not None and data.labels[-1] is not None:
@@ -107,14 +116,15 @@ def load_eval_data(spec: str = "scenes:test", *, num_samples: int | None = None,
     return data
 
 
-def _decode_image(value):
-    """An RGB PIL image from a PIL image or an undecoded `datasets.Image` value ({"bytes", "path"})."""
-    from PIL import Image
+def _decode_image(value, sample_id: str | None = None):
+    """An RGB PIL image from an image value (a PIL image or an undecoded `datasets.Image` {"bytes", "path"}):
+    the decoder training and the Space use (`hf_vlm.data.images.load_rgb_image`). Raises SkippedSample."""
+    return load_rgb_image(value, sample_id)
 
-    if isinstance(value, dict):
-        value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-        value.load()
-    return value.convert("RGB")
+
+def image_inputs(processor, images: Sequence):
+    """`pixel_values` [len(images), 3, H, W] of decoded RGB images: the model's processor, as every task calls it."""
+    return processor(images=list(images), return_tensors="pt")["pixel_values"]
 
 
 def _load_scenes(spec: str, num_samples: int | None, image_size: int | None) -> EvalData:
@@ -197,8 +207,7 @@ def generate_captions(model, processor, images: Sequence, *, batch_size: int = 6
     captions = []
     with torch.inference_mode():
         for batch in _batches(images, batch_size, "caption"):
-            inputs = processor(images=list(batch), return_tensors="pt")
-            ids = model.generate(pixel_values=inputs["pixel_values"].to(model.device),
+            ids = model.generate(pixel_values=image_inputs(processor, batch).to(model.device),
                                  max_new_tokens=max_new_tokens, num_beams=num_beams)
             captions += processor.batch_decode(ids, skip_special_tokens=True)
     return [c.strip() for c in captions]
@@ -227,7 +236,7 @@ def image_embeddings(model, processor, images: Sequence, *, batch_size: int = 64
     chunks = []
     with torch.inference_mode():
         for batch in _batches(images, batch_size, "image features"):
-            pixel_values = processor(images=list(batch), return_tensors="pt")["pixel_values"].to(model.device)
+            pixel_values = image_inputs(processor, batch).to(model.device)
             chunks.append(model.get_image_features(pixel_values=pixel_values).pooler_output.float())
     return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
 
