@@ -149,7 +149,7 @@ def test_batched_padded_prompts_give_the_same_answers_as_one_by_one():
 def test_stage1_loss_is_itc_plus_itm_plus_itg(stage1):
     input_ids = torch.tensor([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0], [2, 11, 12, 3, 0]])
     attention_mask = (input_ids != 0).long()
-    out = stage1(pixels(3), input_ids, attention_mask)
+    out = stage1(pixels(3), input_ids, attention_mask, return_loss=True)
     torch.testing.assert_close(out.loss, out.itc_loss + out.itm_loss + out.itg_loss)
     assert out.logits_per_image.shape == (3, 3) and out.itm_logits.shape == (9, 2)
     # ITC: max over query similarities, divided by the temperature (init 0.07), label smoothing 0.1.
@@ -196,6 +196,91 @@ def test_itm_scores_and_similarity_helpers_for_retrieval(stage1):
     assert similarity.shape == (2, 2) and similarity.abs().max() <= 1 + 1e-5
     out = stage1(pixels(), input_ids, attention_mask, return_loss=False)
     torch.testing.assert_close(out.logits_per_image, similarity / stage1.temp)
+
+
+def test_stage1_return_loss_defaults_to_the_training_mode(stage1):
+    """Eval-mode forward without `return_loss` is retrieval (similarity logits only, as transformers' CLIP/BLIP);
+    a training-mode forward returns the losses (the Trainer's collator passes return_loss=True anyway)."""
+    input_ids = torch.tensor([[2, 7, 8, 3], [2, 10, 3, 0]])
+    out = stage1(pixels(), input_ids, (input_ids != 0).long())
+    assert out.loss is None and out.itm_logits is None and out.logits_per_image.shape == (2, 2)
+    torch.manual_seed(0)
+    model = Blip2FlanT5ForPretraining(tiny_config()).train()
+    out = model(pixels(), input_ids, (input_ids != 0).long())
+    assert out.loss is not None and out.itm_logits.shape == (6, 2)
+
+
+def test_stage1_eval_forward_is_deterministic_and_takes_the_hardest_negatives(stage1, monkeypatch):
+    """model.eval() with return_loss=True never samples (no torch.multinomial, RNG untouched): two calls give
+    identical outputs, and each pair's ITM negative is its most similar non-matching image / text."""
+    calls = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: calls.append(1) or multinomial(*a, **k))
+    input_ids = torch.tensor([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0], [2, 11, 12, 3, 0], [2, 13, 3, 0, 0]])
+    attention_mask = (input_ids != 0).long()
+    rng = torch.get_rng_state()
+    first = stage1(pixels(4), input_ids, attention_mask, return_loss=True)
+    second = stage1(pixels(4), input_ids, attention_mask, return_loss=True)
+    assert calls == [] and torch.equal(torch.get_rng_state(), rng)
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
+    # Hardest negatives: argmax of the similarities with the positive pair masked out.
+    diagonal = torch.eye(4, dtype=torch.bool)
+    negative_images = first.logits_per_text.masked_fill(diagonal, float("-inf")).argmax(1)
+    negative_texts = first.logits_per_image.masked_fill(diagonal, float("-inf")).argmax(1)
+    image_embeds = stage1.get_image_embeds(pixels(4))
+    with torch.no_grad():
+        expected = torch.cat([
+            stage1.itm_logits(image_embeds, input_ids, attention_mask),
+            stage1.itm_logits(image_embeds[negative_images], input_ids, attention_mask),
+            stage1.itm_logits(image_embeds, input_ids[negative_texts], attention_mask[negative_texts]),
+        ])
+    torch.testing.assert_close(first.itm_logits, expected)
+
+
+def test_stage1_samples_itm_negatives_only_when_training(monkeypatch):
+    """Training keeps LAVIS's sampled hard negatives (one multinomial draw for images, one for texts)."""
+    calls = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: calls.append(1) or multinomial(*a, **k))
+    torch.manual_seed(0)
+    model = Blip2FlanT5ForPretraining(tiny_config()).train()
+    input_ids = torch.tensor([[2, 7, 8, 3], [2, 10, 3, 0], [2, 11, 3, 0]])
+    model(pixels(3), input_ids, (input_ids != 0).long(), return_loss=True)
+    assert len(calls) == 2
+
+
+def test_stage1_batch_of_one_infers_in_eval_mode(stage1):
+    """batch=1 inference: retrieval logits by default, and (deterministic) losses when asked."""
+    input_ids = torch.tensor([[2, 7, 8, 3]])
+    out = stage1(pixels(1), input_ids)
+    assert out.logits_per_image.shape == (1, 1) and out.loss is None
+    out = stage1(pixels(1), input_ids, return_loss=True)
+    assert torch.isfinite(out.loss) and out.itm_logits.shape == (1, 2)
+    torch.testing.assert_close(out.loss, stage1(pixels(1), input_ids, return_loss=True).loss, rtol=0, atol=0)
+
+
+def test_stage1_trains_on_a_batch_of_one_with_the_same_parameters_in_the_graph():
+    """An epoch's last batch of one sample (N % batch == 1) trains: no negative exists, so ITC (one candidate) and
+    ITM are 0, but every parameter that a full batch trains still gets a gradient (ZeRO needs the same set on
+    every step and rank), ITM's head included; ITG still learns."""
+    torch.manual_seed(0)
+    model = Blip2FlanT5ForPretraining(tiny_config()).train()
+
+    def grads(batch, input_ids):
+        model.zero_grad(set_to_none=True)
+        out = model(pixels(batch), input_ids, (input_ids != 0).long(), return_loss=True)
+        out.loss.backward()
+        return out, {n for n, p in model.named_parameters() if p.grad is not None}
+
+    _, full = grads(2, torch.tensor([[2, 7, 8, 3], [2, 10, 3, 0]]))
+    out, single = grads(1, torch.tensor([[2, 7, 8, 3]]))
+    assert out.itc_loss.item() == 0 and out.itm_loss.item() == 0 and out.itg_loss > 0
+    torch.testing.assert_close(out.loss, out.itg_loss)
+    assert out.itm_logits.shape == (1, 2)
+    assert single == full and {"itm_head.weight", "temp", "query_tokens"} <= single
+    assert model.itm_head.weight.grad.abs().max() == 0
+    assert model.lm_head.transform.dense.weight.grad.abs().max() > 0
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])

@@ -45,11 +45,15 @@ class Blip2FlanT5PretrainingOutput(ModelOutput):
     """Stage-1 output.
 
     Args:
-        loss: itc_loss + itm_loss + itg_loss (when `return_loss=True`).
+        loss: itc_loss + itm_loss + itg_loss (with `return_loss`, by default while training).
         itc_loss / itm_loss / itg_loss: image-text contrastive, image-text matching, image-grounded text generation.
-        logits_per_image: `(batch, batch * world_size)` image-to-text similarities (max over query tokens) / temperature.
-        logits_per_text: `(batch, batch * world_size)` text-to-image similarities / temperature.
-        itm_logits: `(3 * batch, 2)` match logits for [positives, negative images, negative texts] (class 1 = match).
+            With one image-text pair in the global batch, itc_loss is 0 (one candidate) and itm_loss is 0 (no
+            negative), both still in the graph.
+        logits_per_image: `(batch, global_batch)` image-to-text similarities (max over query tokens) / temperature;
+            global_batch sums every rank's batch.
+        logits_per_text: `(batch, global_batch)` text-to-image similarities / temperature.
+        itm_logits: `(3 * batch, 2)` match logits for [positives, negative images, negative texts] (class 1 = match);
+            `(batch, 2)`, the positives only, when the global batch holds one pair.
         itg_logits: `(batch, text_length, vocab)` next-token logits of the Q-Former text decoder.
         image_embeds: `(batch, num_query_tokens, image_text_hidden_size)` normalized query embeddings.
         text_embeds: `(batch, image_text_hidden_size)` normalized [CLS] text embeddings.
@@ -458,46 +462,16 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
 # Stage 1
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every rank's gradient for this rank's slice (LAVIS's
-    GatherLayer). Written out because torch.distributed.nn.all_gather's backward on gloo (all_to_all) returns
-    wrong gradients when the incoming gradient comes from an einsum, as in our similarity (seen with torch 2.15)."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        import torch.distributed as dist
-
-        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, tensor.contiguous())
-        ctx.rank, ctx.batch = dist.get_rank(), tensor.shape[0]
-        return torch.cat(gathered, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        import torch.distributed as dist
-
-        grad_output = grad_output.contiguous()
-        dist.all_reduce(grad_output)
-        return grad_output[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
-
-
-def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from all ranks, keeping the gradient path to every rank's copy (no-op on one process)."""
+def _distributed() -> bool:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    return _GatherWithGrad.apply(tensor)
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Losses in at least fp32: half-precision logits are upcast, fp32 / fp64 ones kept (`.float()` would round a
+    float64 model's losses to fp32)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _rank() -> int:
@@ -506,12 +480,70 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _batch_shapes(input_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """`(batch, text_length)` of every rank, in rank order (one small all_gather; `[input_ids.shape]` on one process).
+    Ranks may hold different batch sizes (an epoch's uneven last batches) and text lengths ("longest" padding):
+    the gathers below pad to the largest and cut each rank's rows back out, so every rank sees the same global batch."""
+    if not _distributed():
+        return [tuple(input_ids.shape)]
+    import torch.distributed as dist
+
+    shape = torch.tensor(input_ids.shape, dtype=torch.long, device=input_ids.device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    return [tuple(s.tolist()) for s in shapes]
+
+
+def _all_gather_rows(tensor: torch.Tensor, batches: list[int], width: int | None = None) -> torch.Tensor:
+    """all_gather of `tensor` whose dim 0 is `batches[rank]` on each rank (and dim 1 at most `width`, zero-padded up
+    to it): the concatenation of every rank's rows."""
+    import torch.distributed as dist
+
+    pad = [0, 0] * (tensor.dim() - 1) + [0, max(batches) - tensor.shape[0]]
+    if width is not None:
+        pad[-3] = width - tensor.shape[1]
+    padded = F.pad(tensor, pad).contiguous()
+    gathered = [torch.empty_like(padded) for _ in batches]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[:batch] for rows, batch in zip(gathered, batches)], dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient for this rank's slice (LAVIS's
+    GatherLayer), for batch sizes that may differ between ranks. Written out because
+    torch.distributed.nn.all_gather's backward on gloo (all_to_all) returns wrong gradients when the incoming
+    gradient comes from an einsum, as in our similarity (seen with torch 2.15)."""
+
+    @staticmethod
+    def forward(ctx, tensor, batches):
+        rank = _rank()
+        ctx.start, ctx.stop = sum(batches[:rank]), sum(batches[: rank + 1])
+        return _all_gather_rows(tensor, batches)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        import torch.distributed as dist
+
+        grad_output = grad_output.contiguous()
+        dist.all_reduce(grad_output)
+        return grad_output[ctx.start : ctx.stop], None
+
+
+def _gather_with_grad(tensor: torch.Tensor, batches: list[int]) -> torch.Tensor:
+    """Concatenate `tensor` from all ranks, keeping the gradient path to every rank's copy (no-op on one process)."""
+    return _GatherWithGrad.apply(tensor, tuple(batches)) if len(batches) > 1 else tensor
+
+
+def _gather_no_grad(tensor: torch.Tensor, batches: list[int], width: int | None = None) -> torch.Tensor:
+    return _all_gather_rows(tensor, batches, width) if len(batches) > 1 else tensor
+
+
 class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
     """Stage 1: the Q-Former learns to extract text-relevant image features (LAVIS `Blip2Qformer`).
 
     `forward(pixel_values, input_ids, attention_mask)` with `input_ids` in the Q-Former's BERT vocabulary
-    ([CLS] ... [SEP], padded) returns itc_loss + itm_loss + itg_loss. Without `return_loss` it returns the
-    similarity logits only (retrieval).
+    ([CLS] ... [SEP], padded) returns itc_loss + itm_loss + itg_loss with `return_loss=True` (the default while
+    training); in eval mode by default it returns the similarity logits only (retrieval), deterministically.
     """
 
     _tied_weights_keys = {"lm_head.decoder.weight": "qformer.embeddings.word_embeddings.weight"}
@@ -586,14 +618,30 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
         pixel_values: torch.Tensor,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
-        return_loss: bool = True,
+        return_loss: bool | None = None,
         **kwargs,
     ) -> Blip2FlanT5PretrainingOutput:
+        r"""
+        return_loss: compute itc + itm + itg. `None` (the default) means "while training": a `model.train()` forward
+            returns the losses, a `model.eval()` forward returns the similarity logits only (retrieval, as
+            transformers' CLIP/BLIP without `return_loss`). The training collator always passes `return_loss=True`.
+
+        ITM hard negatives come from the global (all-gathered) batch. They are sampled (`torch.multinomial`, in
+        proportion to the softmaxed similarities, as LAVIS) only in training mode; in eval mode with
+        `return_loss=True` each pair takes its hardest negative (the argmax), so eval forwards are deterministic.
+        A global batch of one pair (one process with batch 1, or every rank's batch together) has no negative:
+        ITC over one pair is 0 by definition, and ITM scores the positive pairs only with its loss multiplied by 0,
+        so that itm_head and the Q-Former's matching path still take part in the backward (DeepSpeed ZeRO needs
+        every rank to use the same parameters). The choice depends on the global batch size, which all ranks share.
+        Ranks may hold different batch sizes (uneven last batches).
+        """
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"input_ids must be (batch, length) with the batch of pixel_values ({pixel_values.shape[0]}), got "
                 f"{None if input_ids is None else tuple(input_ids.shape)}"
             )
+        if return_loss is None:
+            return_loss = self.training
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with torch.no_grad():
@@ -605,8 +653,10 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
         text_feat = self.get_text_features(input_ids, attention_mask).pooler_output
 
         # ITC over the global batch: local images against all texts, local texts against all images.
-        image_feats_all = _gather_with_grad(image_feats)
-        text_feat_all = _gather_with_grad(text_feat)
+        shapes = _batch_shapes(input_ids)
+        batches = [b for b, _ in shapes]
+        image_feats_all = _gather_with_grad(image_feats, batches)
+        text_feat_all = _gather_with_grad(text_feat, batches)
         sim_i2t = self.image_text_similarity(image_feats, text_feat_all) / self.temp
         sim_t2i = self.image_text_similarity(image_feats_all, text_feat).t() / self.temp
         if not return_loss:
@@ -615,35 +665,46 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
             )
 
         batch = pixel_values.shape[0]
-        offset = _rank() * batch
+        offset = sum(batches[: _rank()])
         targets = torch.arange(offset, offset + batch, device=sim_i2t.device)
         itc_loss = (
-            F.cross_entropy(sim_i2t.float(), targets, label_smoothing=0.1)
-            + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=0.1)
+            F.cross_entropy(_upcast(sim_i2t), targets, label_smoothing=0.1)
+            + F.cross_entropy(_upcast(sim_t2i), targets, label_smoothing=0.1)
         ) / 2
 
         # ITM: for each text a hard negative image, for each image a hard negative text, sampled in proportion
-        # to their similarity (the positive pair masked out).
-        if sim_i2t.shape[1] < 2:
-            raise ValueError("ITM hard negatives need at least 2 image-text pairs in the (global) batch")
-        input_ids_all = _gather_no_grad(input_ids)
-        attention_mask_all = _gather_no_grad(attention_mask)
-        image_embeds_all = _gather_with_grad(image_embeds)
-        with torch.no_grad():
-            diagonal = torch.zeros_like(sim_i2t, dtype=torch.bool)
-            diagonal[torch.arange(batch), targets] = True
-            weights_t2i = sim_t2i.float().masked_fill(diagonal, -10000).softmax(dim=1)
-            weights_i2t = sim_i2t.float().masked_fill(diagonal, -10000).softmax(dim=1)
-            negative_images = torch.multinomial(weights_t2i, 1).squeeze(1)
-            negative_texts = torch.multinomial(weights_i2t, 1).squeeze(1)
-        itm_input_ids = torch.cat([input_ids, input_ids, input_ids_all[negative_texts]], dim=0)
-        itm_attention_mask = torch.cat([attention_mask, attention_mask, attention_mask_all[negative_texts]], dim=0)
-        itm_image_embeds = torch.cat([image_embeds, image_embeds_all[negative_images], image_embeds], dim=0)
-        itm_logits = self.itm_logits(itm_image_embeds, itm_input_ids, itm_attention_mask)
-        itm_labels = torch.cat(
-            [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
-        ).to(itm_logits.device)
-        itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
+        # to their similarity (the positive pair masked out); the hardest one in eval mode.
+        if sum(batches) < 2:
+            # No negative in the whole batch: the positives alone, with a zero loss that keeps the graph.
+            itm_logits = self.itm_logits(image_embeds, input_ids, attention_mask)
+            itm_labels = torch.ones(batch, dtype=torch.long, device=itm_logits.device)
+            itm_loss = F.cross_entropy(_upcast(itm_logits), itm_labels) * 0.0
+        else:
+            width = max(length for _, length in shapes)
+            input_ids_all = _gather_no_grad(input_ids, batches, width)
+            attention_mask_all = _gather_no_grad(attention_mask, batches, width)
+            image_embeds_all = _gather_with_grad(image_embeds, batches)
+            with torch.no_grad():
+                diagonal = torch.zeros_like(sim_i2t, dtype=torch.bool)
+                diagonal[torch.arange(batch), targets] = True
+                weights_t2i = _upcast(sim_t2i).masked_fill(diagonal, -10000).softmax(dim=1)
+                weights_i2t = _upcast(sim_i2t).masked_fill(diagonal, -10000).softmax(dim=1)
+                if self.training:
+                    negative_images = torch.multinomial(weights_t2i, 1).squeeze(1)
+                    negative_texts = torch.multinomial(weights_i2t, 1).squeeze(1)
+                else:
+                    negative_images, negative_texts = weights_t2i.argmax(dim=1), weights_i2t.argmax(dim=1)
+            # Local texts padded to the longest text of any rank (a no-op on one process).
+            local_ids = F.pad(input_ids, (0, width - input_ids.shape[1]))
+            local_mask = F.pad(attention_mask, (0, width - attention_mask.shape[1]))
+            itm_input_ids = torch.cat([local_ids, local_ids, input_ids_all[negative_texts]], dim=0)
+            itm_attention_mask = torch.cat([local_mask, local_mask, attention_mask_all[negative_texts]], dim=0)
+            itm_image_embeds = torch.cat([image_embeds, image_embeds_all[negative_images], image_embeds], dim=0)
+            itm_logits = self.itm_logits(itm_image_embeds, itm_input_ids, itm_attention_mask)
+            itm_labels = torch.cat(
+                [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
+            ).to(itm_logits.device)
+            itm_loss = F.cross_entropy(_upcast(itm_logits), itm_labels)
 
         # ITG: the caption decoded from the queries under the UniLM mask, [DEC] in place of [CLS].
         decoder_input_ids = input_ids.clone()
@@ -660,7 +721,7 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
         ).last_hidden_state
         itg_logits = self.lm_head(itg_output[:, query_tokens.shape[1] :])
         itg_loss = F.cross_entropy(
-            itg_logits[:, :-1].float().reshape(-1, itg_logits.shape[-1]),
+            _upcast(itg_logits[:, :-1]).reshape(-1, itg_logits.shape[-1]),
             labels[:, 1:].reshape(-1),
             ignore_index=-100,
             label_smoothing=0.1,
