@@ -189,7 +189,7 @@ def test_sixteen_bit_and_float_are_scaled_by_the_type_range_not_the_image_maximu
     assert np.asarray(load_rgb_image(floats))[..., 0].tolist() == [[0, 64], [255, 0]]
 
 
-def test_bad_files_are_skipped_as_corrupt_images_naming_what_is_wrong(tmp_path):
+def test_bad_files_are_skipped_as_corrupt_or_oversized_images_naming_what_is_wrong(tmp_path):
     noise = Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8))
     buffer = io.BytesIO()
     noise.save(buffer, "JPEG")
@@ -207,7 +207,8 @@ def test_bad_files_are_skipped_as_corrupt_images_naming_what_is_wrong(tmp_path):
         for value in (data, {"bytes": data, "path": None}, str(tmp_path / name)):
             with pytest.raises(SkippedSample) as skip:
                 load_rgb_image(value, name)
-            assert skip.value.reason == "corrupt_image" and skip.value.detail.startswith(f"{name}: ")
+            reason = "oversized_image" if "bomb" in detail else "corrupt_image"
+            assert skip.value.reason == reason and skip.value.detail.startswith(f"{name}: ")
             assert detail in skip.value.detail, skip.value.detail
     with pytest.raises(SkippedSample, match="no image"):
         load_rgb_image(None)
@@ -329,7 +330,8 @@ def test_bad_files_are_counted_by_eval_and_training_and_refused_by_the_space(goo
     for name in names:
         prepared = preparer({"image": {"bytes": (folder / name).read_bytes(), "path": name}, "text": "a caption"})
         assert (prepared is None) == (name in bad)
-    assert counter.counts()["corrupt_image"] == len(bad)
+    bombs = sum("bomb" in name or "gigantic" in name for name in bad)
+    assert counter.counts()["corrupt_image"] == len(bad) - bombs and counter.counts()["oversized_image"] == bombs
 
     with pytest.raises(gr.Error, match="zero.png could not be decoded as an image: UnidentifiedImageError"):
         space.prepare_image(str(folder / "zero.png"))

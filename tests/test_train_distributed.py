@@ -4,7 +4,7 @@ trainers/pretrain.py and finetune.py, on the tiny recipes of both families.
 Launches are the slow part (imports + DeepSpeed start), so each fixture launches once and several tests
 read its outputs:
   coca_zero2     coca-tiny, ZeRO-2, on shards holding a corrupt image and an empty caption
-  coca_resumed   the same run SIGKILLed at step 6, then resumed from checkpoint-4
+  coca_resumed   the same run SIGKILLed at step 7, then resumed from checkpoint-6 (mid-epoch, random augmentation)
   coca_caption   finetune.py coca-tiny-caption from coca_zero2's output, ZeRO-3
   blip2_stage1   blip2-tiny-stage1 from a saved initial checkpoint, ZeRO-3
   blip2_stage2   blip2-tiny-stage2, Q-Former from blip2_stage1, ZeRO-2
@@ -196,7 +196,7 @@ COCA_STEPS = 8
 
 def _coca_args(assets, out):
     return ["--recipe", "coca-tiny", "--processor", str(assets / "coca_tokenizer"), "--deepspeed", "zero2",
-            *_common(assets, out, "--max_steps", str(COCA_STEPS), "--save_steps", "4")]
+            *_common(assets, out, "--max_steps", str(COCA_STEPS), "--save_steps", "2")]
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +210,10 @@ def coca_zero2(assets, tmp_path_factory):
 def coca_resumed(assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("coca_resumed")
     out = tmp / "out"
-    killed = launch(tmp, "pretrain", _coca_args(assets, out), kill_at=6, name="killed")
+    # 32 samples, 8 per step: 4 steps an epoch. checkpoint-6 is mid-epoch, with the recipe's random crop/flip/jitter.
+    killed = launch(tmp, "pretrain", _coca_args(assets, out), kill_at=7, name="killed")
     checkpoints_after_kill = sorted(p.name for p in out.glob("checkpoint-*"))
-    resumed = launch(tmp, "pretrain", [*_coca_args(assets, out), "--resume_from_checkpoint", str(out / "checkpoint-4")],
+    resumed = launch(tmp, "pretrain", [*_coca_args(assets, out), "--resume_from_checkpoint", str(out / "checkpoint-6")],
                      name="resumed")
     return out, killed, checkpoints_after_kill, resumed
 
@@ -292,7 +293,7 @@ def test_corrupt_image_and_empty_caption_are_skipped_and_counted(coca_zero2):
 def test_sigkill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(coca_zero2, coca_resumed):
     out, killed, checkpoints_after_kill, resumed = coca_resumed
     assert killed.returncode != 0 and "SIGKILL" in killed.stdout + killed.stderr
-    assert checkpoints_after_kill == ["checkpoint-4"]  # killed at step 6, before the step-8 save
+    assert checkpoints_after_kill == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # killed at step 7
     check(resumed)
     reference, result = weights(coca_zero2), weights(out)
     assert reference.keys() == result.keys()

@@ -121,7 +121,7 @@ def build_training_data(
     dataset = prepare_dataset(
         raw, image_transform, counter, task=spec.task, shuffle_buffer=shuffle_buffer, seed=seed,
         max_skip_fraction=max_skip_fraction, skip_window=skip_window,
-        repeat=streaming if repeat is None else repeat,
+        repeat=(streaming and train) if repeat is None else repeat,
     )
     collator_overrides = {"max_length": max_length} if max_length else {}
     collator = ImageTextCollator.for_recipe(

@@ -44,10 +44,10 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _skip(detail: str, sample_id: str | None):
+def _skip(detail: str, sample_id: str | None, reason: str = "corrupt_image"):
     from .skips import SkippedSample
 
-    return SkippedSample("corrupt_image", f"{sample_id}: {detail}" if sample_id else detail)
+    return SkippedSample(reason, f"{sample_id}: {detail}" if sample_id else detail)
 
 
 def _image_file(value):
@@ -66,10 +66,10 @@ def _image_file(value):
 
 
 def check_pixel_count(width: int, height: int, sample_id: str | None = None) -> None:
-    """Raise SkippedSample("corrupt_image") for an image over MAX_IMAGE_PIXELS (a possible decompression bomb)."""
+    """Raise SkippedSample("oversized_image") for an image over MAX_IMAGE_PIXELS (a possible decompression bomb)."""
     if width * height > MAX_IMAGE_PIXELS:
         raise _skip(f"decompression bomb: {width}×{height} = {width * height:,} pixels, over the limit of "
-                    f"{MAX_IMAGE_PIXELS:,} (hf_vlm.data.images.MAX_IMAGE_PIXELS)", sample_id)
+                    f"{MAX_IMAGE_PIXELS:,} (hf_vlm.data.images.MAX_IMAGE_PIXELS)", sample_id, "oversized_image")
 
 
 def open_image(value, sample_id: str | None = None):
@@ -85,7 +85,7 @@ def open_image(value, sample_id: str | None = None):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(_image_file(value))
     except Image.DecompressionBombError as err:  # over twice PIL's limit: it refuses to open it at all
-        raise _skip(f"decompression bomb: {err}", sample_id) from err
+        raise _skip(f"decompression bomb: {err}", sample_id, "oversized_image") from err
     # PIL signals undecodable data with many types (UnidentifiedImageError/OSError, SyntaxError,
     # ValueError, struct.error...): any failure to read one image is a skip.
     except Exception as err:

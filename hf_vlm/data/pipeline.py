@@ -46,6 +46,20 @@ def sample_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+class _hidden_worker_info:
+    """Makes torch.utils.data.get_worker_info() return None inside the block (see PreparedStream._blocks)."""
+
+    def __enter__(self):
+        from torch.utils.data._utils import worker
+
+        self._saved, worker._worker_info = worker._worker_info, None
+
+    def __exit__(self, *exc):
+        from torch.utils.data._utils import worker
+
+        worker._worker_info = self._saved
+
+
 class TooManySkips(RuntimeError):
     """More than `max_skip_fraction` of the recent samples were unusable."""
 
@@ -102,6 +116,7 @@ class SamplePreparer:
         self.decoded = 0  # images decoded by this process (a resumed stream must not re-decode consumed ones)
         self._recent: deque[bool] = deque(maxlen=skip_window)
         self._skips_by_shard: Counter = Counter()
+        self.skipped: Counter = Counter()  # this process's skips by reason (part of a stream's resumable state)
 
     def prepare(self, example: dict, position: tuple[int, ...] = ()) -> dict:
         """The prepared sample; raises SkippedSample. Text is checked first: it costs no decoding.
@@ -137,6 +152,7 @@ class SamplePreparer:
         except SkippedSample as skip:
             where = sample_id(example)
             self.counter.add(skip.reason, where, skip.detail)
+            self.skipped[skip.reason] += 1
             self._skips_by_shard[example.get("__url__") or where.rsplit("/", 1)[0]] += 1
             self._record(bad=True)
             return None
@@ -206,32 +222,54 @@ class PreparedStream(torch.utils.data.IterableDataset):
     def __init__(self, dataset, preparer: SamplePreparer, *, seed: int = 0, block_size: int = 1000,
                  repeat: bool = False):
         self.repeat = repeat
-        self.dataset = dataset.shuffle(seed=seed, buffer_size=1)  # shard order only: blocks do the rest
+        # block_size 0: the stream's own order. Else shard order shuffled per pass (buffer 1): blocks do the rest.
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=1) if block_size else dataset
         self.preparer = preparer
         self.seed = seed
-        self.block_size = max(1, block_size)
+        self.block_size = max(1, block_size)  # rows read (undecoded) and permuted together
         self.epoch = 0
-        self._position = {"pass": 0, "block": 0, "offset": 0, "block_start": None}
+        self._position = {"pass": 0, "block": 0, "offset": 0, "block_start": None, "skipped": {}}
         self._resume_from = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, **copy.deepcopy(self._position)}
+        """Where this process is in the stream, and its skip counts up to there."""
+        return {"hf_vlm_stream": True, "epoch": self.epoch, **copy.deepcopy(self._position)}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume_from = copy.deepcopy(state)
+        self._position = copy.deepcopy({k: state[k] for k in ("pass", "block", "offset", "block_start", "skipped")})
+        self.preparer.skipped = Counter(state.get("skipped", {}))
 
     def _blocks(self, pass_number: int, start_state):
         """(raw state at block start, rows) for each block of one pass."""
-        self.dataset.set_epoch(pass_number)
+        dataset = self.dataset
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:
+            # This worker's shards, taken here rather than by datasets' own worker split: datasets 5.2 restores a
+            # worker's saved state into the unsplit stream first (IndexError), so it must not see the worker.
+            if dataset.num_shards < worker.num_workers and worker.id >= dataset.num_shards:
+                return
+            dataset = dataset.shard(num_shards=min(worker.num_workers, dataset.num_shards), index=worker.id,
+                                    contiguous=False)
+        dataset.set_epoch(pass_number)
         if start_state is not None:
-            self.dataset.load_state_dict(start_state)
-        rows = iter(self.dataset)
+            dataset.load_state_dict(start_state)
+        with _hidden_worker_info():
+            rows = iter(dataset)
+            head = [row for _, row in zip(range(self.block_size), rows)]
+        first = True
         while True:
-            state = copy.deepcopy(self.dataset.state_dict())
-            block = [row for _, row in zip(range(self.block_size), rows)]
+            # datasets' state is live only once iteration has started: the first block of a pass is "the pass
+            # from its beginning" (None), later ones the state after the previous block's last row.
+            if first:
+                state, block = start_state, head
+            else:
+                state = copy.deepcopy(dataset.state_dict())
+                block = [row for _, row in zip(range(self.block_size), rows)]
+            first = False
             if not block:
                 return
             yield state, block
@@ -242,26 +280,27 @@ class PreparedStream(torch.utils.data.IterableDataset):
         if resume:
             self.epoch = resume["epoch"]
         while True:
-            yielded_any = False
+            has_rows = False
             start_state = resume["block_start"] if resume else None
             block_number = resume["block"] if resume else 0
             skip = resume["offset"] if resume else 0
             resume = None
             for state, block in self._blocks(pass_number, start_state):
-                order = torch.randperm(len(block), generator=torch.Generator().manual_seed(
-                    sample_seed(self.seed, self.epoch, pass_number, block_number)))
+                order = torch.arange(len(block)) if self.block_size == 1 else torch.randperm(
+                    len(block), generator=torch.Generator().manual_seed(
+                        sample_seed(self.seed, self.epoch, pass_number, block_number)))
+                has_rows = True  # this pass has rows
                 for offset, row_index in enumerate(order.tolist()):
                     if offset < skip:
                         continue  # consumed before the checkpoint: not decoded again
-                    self._position = {"pass": pass_number, "block": block_number, "offset": offset + 1,
-                                      "block_start": state}
-                    yielded_any = True
                     prepared = self.preparer(block[row_index], (self.epoch, pass_number, block_number, offset))
+                    self._position = {"pass": pass_number, "block": block_number, "offset": offset + 1,
+                                      "block_start": state, "skipped": dict(self.preparer.skipped)}
                     if prepared is not None:
                         yield prepared
                 skip = 0
                 block_number += 1
-            if not (self.repeat and yielded_any):
+            if not (self.repeat and has_rows):
                 return  # one pass asked for, or this worker/rank has no data at all: stop instead of spinning
             pass_number += 1
 
@@ -281,7 +320,7 @@ def prepare_dataset(
     """Prepared training samples from a dataset made by `load_image_text_dataset`.
 
     Returns a `PreparedDataset` (map-style, for `datasets.Dataset`) or a `PreparedStream` (streaming; blocks of
-    `shuffle_buffer` rows shuffled with `seed`, 1 keeps the order of the shards; `repeat=True`: pass after pass).
+    `shuffle_buffer` rows shuffled with `seed`, 0 keeps the stream's order; `repeat=True`: pass after pass).
     `task` ("caption" or "vqa") defaults to the one the dataset's columns were loaded for.
     """
     import datasets
@@ -291,7 +330,7 @@ def prepare_dataset(
     preparer = SamplePreparer(image_transform, counter, task, seed=seed, max_skip_fraction=max_skip_fraction,
                               skip_window=skip_window)
     if isinstance(dataset, datasets.IterableDataset):
-        return PreparedStream(dataset, preparer, seed=seed, block_size=shuffle_buffer or 1, repeat=repeat)
+        return PreparedStream(dataset, preparer, seed=seed, block_size=shuffle_buffer, repeat=repeat)
     if isinstance(dataset, datasets.Dataset):
         return PreparedDataset(dataset, preparer)
     raise TypeError(

@@ -46,19 +46,18 @@ _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 def expand_braces(pattern: str) -> list[str]:
     """`a/{000..002}.tar` -> a/000.tar, a/001.tar, a/002.tar (width of the first bound kept); `{x,y}` -> x, y.
     Several braces expand as a product, left to right."""
-    match = _BRACE_RANGE.search(pattern)
-    if match:
-        first, last = match.group(1), match.group(2)
-        if int(last) < int(first):
-            raise ValueError(f"brace range {match.group(0)} in {pattern!r} counts down")
-        width = len(first) if first.startswith("0") else 0
-        head, tail = pattern[: match.start()], pattern[match.end():]
-        return [p for n in range(int(first), int(last) + 1) for p in expand_braces(f"{head}{n:0{width}d}{tail}")]
-    match = _BRACE_LIST.search(pattern)
-    if match:
-        head, tail = pattern[: match.start()], pattern[match.end():]
+    matches = [m for m in (_BRACE_RANGE.search(pattern), _BRACE_LIST.search(pattern)) if m]
+    if not matches:
+        return [pattern]
+    match = min(matches, key=lambda m: m.start())  # the leftmost brace varies slowest
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    if match.re is _BRACE_LIST:
         return [p for option in match.group(1).split(",") for p in expand_braces(f"{head}{option}{tail}")]
-    return [pattern]
+    first, last = match.group(1), match.group(2)
+    if int(last) < int(first):
+        raise ValueError(f"brace range {match.group(0)} in {pattern!r} counts down")
+    width = len(first) if first.startswith("0") else 0
+    return [p for n in range(int(first), int(last) + 1) for p in expand_braces(f"{head}{n:0{width}d}{tail}")]
 
 
 def is_pipe(address: str) -> bool:
@@ -176,6 +175,7 @@ class _BadField(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+        self.detail = detail
 
 
 def _text(data: bytes, where: str) -> str:
@@ -307,22 +307,21 @@ def _iter_shard(url: str, columns: Columns, task: str) -> Iterator[dict]:
         if key is not None:
             yield _build_row(fields, columns, task, url, key, f"{url}:{key}")
     except GeneratorExit:  # the consumer stopped early: close quietly
-        _close_quietly(stream)
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001 - also at interpreter exit, when module globals are gone
+            pass
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        detail = f"{type(err).__name__}: {err}"
-        yield error_row("truncated_member" if key is not None else "unreadable_shard", detail, url, key)
+        failure = ("truncated_member" if key is not None else "unreadable_shard", f"{type(err).__name__}: {err}")
+    else:
+        failure = None
     try:
         stream.close()
-    except OSError as err:  # a pipe: command that failed after writing part of the shard
-        yield error_row("unreadable_shard", str(err), url)
-
-
-def _close_quietly(stream) -> None:
-    try:
-        stream.close()
-    except OSError:
-        pass
+    except OSError as err:  # a pipe: command that failed (its tar is then short or empty too)
+        failure = ("unreadable_shard", f"{err}" + (f"; {failure[1]}" if failure else ""))
+    if failure:
+        yield error_row(failure[0], failure[1], url, key if failure[0] == "truncated_member" else None)
 
 
 def iter_imagefolder(metadata_files: list[str], columns: Columns, task: str, signature: str = "") -> Iterator[dict]:

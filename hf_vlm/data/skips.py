@@ -73,6 +73,12 @@ class SkipCounter:
         if warn:
             logger.warning("skipped sample %s (%s)%s", sample_id, reason, f": {detail}" if detail else "")
 
+    def load(self, counts: dict[str, int]) -> None:
+        """Set the counts (a resumed run continues from its checkpoint's counts)."""
+        for reason, value in counts.items():
+            if reason in self._counts:
+                self._counts[reason].value = int(value)
+
     def counts(self) -> dict[str, int]:
         return {reason: value.value for reason, value in self._counts.items()}
 
