@@ -293,7 +293,7 @@ def test_corrupt_image_and_empty_caption_are_skipped_and_counted(coca_zero2):
 def test_sigkill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(coca_zero2, coca_resumed):
     out, killed, checkpoints_after_kill, resumed = coca_resumed
     assert killed.returncode != 0 and "SIGKILL" in killed.stdout + killed.stderr
-    assert checkpoints_after_kill == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # killed at step 7
+    assert checkpoints_after_kill[-1] == "checkpoint-6"  # killed at step 7, before the step-8 save
     check(resumed)
     reference, result = weights(coca_zero2), weights(out)
     assert reference.keys() == result.keys()
