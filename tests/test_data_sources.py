@@ -375,3 +375,18 @@ def test_training_data_split_by_node_keeps_an_endless_stream_for_every_rank(tmp_
     texts = [s["text"] for s in itertools.islice(iter(data.dataset), 20)]
     assert len(texts) == 20
     assert set(texts[:2]) == {"b caption 0", "b caption 1"}  # the first pass: this rank's shard only
+
+
+def test_a_pipe_command_that_fails_after_writing_its_shard_is_counted(tmp_path):
+    """The samples it wrote are kept; its exit status still counts the shard as unreadable (not lost by tarfile
+    stopping at the end-of-archive blocks), and reading only its first sample (the column check) kills it quietly."""
+    from hf_vlm.data.shards import first_sample_fields
+
+    shard = write_shard(tmp_path / "000.tar", good_samples("p", 2))
+    with open(shard, "ab") as padded:  # more end padding than tarfile reads after the end-of-archive blocks
+        padded.write(bytes(200_000))
+    command = f"pipe:cat {shard}; exit 3"
+    rows = list(load_image_text_dataset(command, streaming=True))
+    assert [r["text"] for r in rows[:2]] == ["p caption 0", "p caption 1"] and len(rows) == 3
+    assert rows[2]["__error__"].startswith("unreadable_shard\t") and "exited with 3" in rows[2]["__error__"]
+    assert first_sample_fields("webdataset", [command]) == (f"{command}:p000", ["png", "txt"])

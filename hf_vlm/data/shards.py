@@ -135,17 +135,22 @@ class _PipeReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        return self.process.stdout.readinto(buffer)
+        count = self.process.stdout.readinto(buffer)
+        self.at_end = count == 0 and len(buffer) > 0
+        return count
 
     def close(self) -> None:
         if self.closed:
             return
+        early = not getattr(self, "at_end", False)
+        if early:  # the reader stopped before the end: the command's exit status says nothing about the shard
+            self.process.kill()
         self.process.stdout.close()
         error = self.process.stderr.read().decode(errors="replace").strip()
         self.process.stderr.close()
         code = self.process.wait()
         super().close()
-        if code != 0:
+        if code != 0 and not early:
             raise OSError(f"command {self.command!r} exited with {code}" + (f": {error[-300:]}" if error else ""))
 
 
@@ -281,12 +286,17 @@ def iter_webdataset(shards: list[str], columns: Columns, task: str, signature: s
         yield from _iter_shard(url, columns, task)
 
 
-def _iter_shard(url: str, columns: Columns, task: str) -> Iterator[dict]:
-    try:
-        stream = open_binary(url)
-    except Exception as err:  # noqa: BLE001 - missing file, HTTP 404, no permission...: one counted row
-        yield error_row("unreadable_shard", f"cannot open shard: {type(err).__name__}: {err}", url)
-        return
+class _ShardError(Exception):
+    """A tar stream that broke off; `key` is the sample being read then (None: nothing could be read)."""
+
+    def __init__(self, key: str | None, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.key = key
+
+
+def _tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a webdataset tar stream, by webdataset's key rule. Raises
+    _ShardError when the stream breaks off (a truncated member, a bad header)."""
     key, fields = None, {}
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -298,13 +308,29 @@ def _iter_shard(url: str, columns: Columns, task: str) -> Iterator[dict]:
                     continue  # no extension, or a hidden file (macOS `._x`): not a sample member
                 member_key, extension = match.group(1), match.group(2).lower()
                 if member_key != key and key is not None:
-                    yield _build_row(fields, columns, task, url, key, f"{url}:{key}")
+                    yield key, fields
                     fields = {}
                 key = member_key
                 fields[extension] = tar.extractfile(info).read()
                 if len(fields[extension]) != info.size:
                     raise EOFError(f"member {info.name} has {len(fields[extension])} of {info.size} bytes")
-        if key is not None:
+        while stream.read(1 << 16):  # the end padding, so that a pipe: command has ended when it is closed
+            pass
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        raise _ShardError(key, err) from err
+    if key is not None:
+        yield key, fields
+
+
+def _iter_shard(url: str, columns: Columns, task: str) -> Iterator[dict]:
+    try:
+        stream = open_binary(url)
+    except Exception as err:  # noqa: BLE001 - missing file, HTTP 404, no permission...: one counted row
+        yield error_row("unreadable_shard", f"cannot open shard: {type(err).__name__}: {err}", url)
+        return
+    failure = None
+    try:
+        for key, fields in _tar_samples(stream):
             yield _build_row(fields, columns, task, url, key, f"{url}:{key}")
     except GeneratorExit:  # the consumer stopped early: close quietly
         try:
@@ -312,16 +338,14 @@ def _iter_shard(url: str, columns: Columns, task: str) -> Iterator[dict]:
         except Exception:  # noqa: BLE001 - also at interpreter exit, when module globals are gone
             pass
         raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        failure = ("truncated_member" if key is not None else "unreadable_shard", f"{type(err).__name__}: {err}")
-    else:
-        failure = None
+    except _ShardError as err:
+        failure = ("truncated_member", str(err), err.key) if err.key else ("unreadable_shard", str(err), None)
     try:
         stream.close()
     except OSError as err:  # a pipe: command that failed (its tar is then short or empty too)
-        failure = ("unreadable_shard", f"{err}" + (f"; {failure[1]}" if failure else ""))
+        failure = ("unreadable_shard", f"{err}" + (f"; {failure[1]}" if failure else ""), None)
     if failure:
-        yield error_row(failure[0], failure[1], url, key if failure[0] == "truncated_member" else None)
+        yield error_row(failure[0], failure[1], url, failure[2])
 
 
 def iter_imagefolder(metadata_files: list[str], columns: Columns, task: str, signature: str = "") -> Iterator[dict]:
@@ -401,20 +425,11 @@ def first_sample_fields(fmt: str, files: list[str]) -> tuple[str, list[str]] | N
     for url in files[:3]:
         try:
             if fmt == "webdataset":
-                with open_binary(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    names, key = [], None
-                    for info in tar:
-                        match = _KEY_AND_EXTENSION.match(info.name) if info.isfile() else None
-                        if match is None:
-                            continue
-                        if key is not None and match.group(1) != key:
-                            break
-                        key, extension = match.group(1), match.group(2).lower()
-                        names.append(extension)
-                        if extension == "json":
-                            record = json.loads(tar.extractfile(info).read())
-                            names += [f"json.{k}" for k in record] if isinstance(record, dict) else []
-                    if names:
+                with open_binary(url) as stream:
+                    for key, fields in _tar_samples(stream):
+                        names = list(fields)
+                        record = json.loads(fields["json"]) if "json" in fields else None
+                        names += [f"json.{k}" for k in record] if isinstance(record, dict) else []
                         return f"{url}:{key}", names
             else:
                 with open_binary(url) as handle:
