@@ -390,3 +390,23 @@ def test_a_pipe_command_that_fails_after_writing_its_shard_is_counted(tmp_path):
     assert [r["text"] for r in rows[:2]] == ["p caption 0", "p caption 1"] and len(rows) == 3
     assert rows[2]["__error__"].startswith("unreadable_shard\t") and "exited with 3" in rows[2]["__error__"]
     assert first_sample_fields("webdataset", [command]) == (f"{command}:p000", ["png", "txt"])
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+def test_parquet_vqav2_answer_dicts_and_caption_lists_become_canonical_columns(tmp_path, streaming):
+    """VQAv2's answers ([{"answer": ...}]) and a list of captions read from parquet as from webdataset .json."""
+    import datasets
+
+    image = {"bytes": _png(random_image(SIZE)), "path": "x.png"}
+    vqa = tmp_path / "vqa.parquet"
+    datasets.Dataset.from_dict({"image": [image], "question": ["what color?"],
+                                "answers": [[{"answer": "red", "answer_confidence": "yes"}, {"answer": "blue",
+                                                                                             "answer_confidence": "no"}]]}
+                               ).to_parquet(str(vqa))
+    rows = list(load_image_text_dataset(str(vqa), task="vqa", streaming=streaming, cache_dir=tmp_path / "c"))
+    assert rows[0]["answers"] == ["red", "blue"] and rows[0]["question"] == "what color?"
+    captions = tmp_path / "captions.parquet"
+    datasets.Dataset.from_dict({"image": [image], "caption": [["", "a red circle", "a circle"]]}).to_parquet(
+        str(captions))
+    rows = list(load_image_text_dataset(str(captions), streaming=streaming, cache_dir=tmp_path / "c"))
+    assert rows[0]["text"] == "a red circle"

@@ -198,7 +198,7 @@ def _parse_json(data: bytes | str, where: str):
         raise _BadField("bad_json", f"{where} is not valid JSON ({err.msg} at {err.pos})") from None
 
 
-def _answers(value) -> list[str] | None:
+def answer_list(value) -> list[str] | None:
     """A list of answer strings from a string, a list of strings or VQAv2's [{"answer": ...}] (order kept)."""
     if value is None:
         return None
@@ -210,7 +210,7 @@ def _answers(value) -> list[str] | None:
     return [v if isinstance(v, str) else str(v) for v in out if v is not None]
 
 
-def _text_value(value) -> str | None:
+def text_value(value) -> str | None:
     """A caption/question field: a string, or the first string of a list (several captions); else None."""
     if isinstance(value, list):
         value = next((v for v in value if isinstance(v, str) and v.strip()), value[0] if value else None)
@@ -265,7 +265,7 @@ def _build_row(fields: dict, columns: Columns, task: str, url: str, key: str, wh
                     continue
                 if isinstance(value, bytes):
                     value = _text(value, f"{where} .{name}")
-                row[role] = _answers(value) if role == "answers" else _text_value(value)
+                row[role] = answer_list(value) if role == "answers" else text_value(value)
                 break
     except _BadField as bad:
         return error_row(bad.reason, bad.detail, url, key)

@@ -313,10 +313,12 @@ def _with_canonical_columns(dataset, task: str):
     features = canonical_features(task)
 
     def add(batch):
+        # The same normalisation as the webdataset/imagefolder readers: a caption list gives its first caption,
+        # VQAv2's [{"answer": ...}] its answer strings.
         size = len(next(iter(batch.values())))
-        if "answers" in batch:
-            batch["answers"] = [None if a is None else [str(x) for x in (a if isinstance(a, list) else [a])]
-                                for a in batch["answers"]]
+        normalise = {"answers": shard_io.answer_list, "text": shard_io.text_value, "question": shard_io.text_value}
+        batch = {name: [normalise[name](v) for v in values] if name in normalise else values
+                 for name, values in batch.items()}
         return {**batch, **{name: [None] * size for name in (*SAMPLE_ID_COLUMNS, ERROR_COLUMN)}}
 
     return dataset.map(add, batched=True, features=features)
