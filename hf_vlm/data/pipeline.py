@@ -257,22 +257,20 @@ class PreparedStream(torch.utils.data.IterableDataset):
         dataset.set_epoch(pass_number)
         if start_state is not None:
             dataset.load_state_dict(start_state)
-        with _hidden_worker_info():
+
+        def take(rows) -> list:
+            return [row for _, row in zip(range(self.block_size), rows)]
+
+        with _hidden_worker_info():  # datasets decides on its worker split when iteration starts
             rows = iter(dataset)
-            head = [row for _, row in zip(range(self.block_size), rows)]
-        first = True
-        while True:
-            # datasets' state is live only once iteration has started: the first block of a pass is "the pass
-            # from its beginning" (None), later ones the state after the previous block's last row.
-            if first:
-                state, block = start_state, head
-            else:
-                state = copy.deepcopy(dataset.state_dict())
-                block = [row for _, row in zip(range(self.block_size), rows)]
-            first = False
-            if not block:
-                return
+            block = take(rows)
+        # datasets' state is live only once iteration has started: the first block starts where the pass (or the
+        # restored state) starts, each later one at the state after the previous block's last row.
+        state = start_state
+        while block:
             yield state, block
+            state = copy.deepcopy(dataset.state_dict())
+            block = take(rows)
 
     def __iter__(self):
         resume, self._resume_from = self._resume_from, None

@@ -85,12 +85,9 @@ class StreamStateCallback(TrainerCallback):
             return
         dataloader_state = train_dataloader.state_dict()
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        os.makedirs(folder, exist_ok=True)
         skipped = {reason: 0 for reason in self.counter.counts()}
         skipped.update(delivered_skips(dataloader_state))
-        path = os.path.join(folder, STATE_FILE.format(rank=args.process_index))
-        tmp = f"{path}.tmp"
-        torch.save({"dataloader": dataloader_state, "skipped": skipped}, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        # Synced and vouched for by the checkpoint's completion marker (hf_vlm.trainers.checkpoints), written after
+        # every on_save callback.
+        torch.save({"dataloader": dataloader_state, "skipped": skipped},
+                   os.path.join(folder, STATE_FILE.format(rank=args.process_index)))
