@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,11 +61,14 @@ def itc_loss_and_gradients(rows=slice(None)):
     return out.itc_loss.detach(), grads
 
 
-@pytest.mark.distributed
-def test_itc_over_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
-    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+TESTS_DIR = str(Path(__file__).parent)
+
+
+def run_two_ranks(tmp_path, worker_source: str, reference):
+    """Run `worker_source` as ranks 0 and 1 of a gloo group while `reference()` computes the one-process result
+    here; returns (what the workers saved to the out file, reference())."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests_dir=tests_dir))
+    script.write_text(worker_source)
     out = tmp_path / "out.pt"
     workers = [
         subprocess.Popen([sys.executable, str(script), str(rank), "2", str(tmp_path / "init"), str(out)],
@@ -72,10 +76,17 @@ def test_itc_over_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
         for rank in range(2)
     ]
-    reference_loss, reference_grads = itc_loss_and_gradients()
+    expected = reference()
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n".join(log[-3000:] for log in logs)
-    distributed = torch.load(out)
+    return torch.load(out), expected
+
+
+@pytest.mark.distributed
+def test_itc_over_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
+    distributed, (reference_loss, reference_grads) = run_two_ranks(
+        tmp_path, WORKER.format(tests_dir=TESTS_DIR), itc_loss_and_gradients
+    )
     torch.testing.assert_close(distributed["loss"], reference_loss)
     assert distributed["grads"].keys() == reference_grads.keys()
     assert "temp" in reference_grads and "query_tokens" in reference_grads
@@ -117,20 +128,10 @@ def test_ranks_with_uneven_last_batches_train_as_one_process_with_the_whole_batc
     """Uneven per-rank batches (an epoch's last batches) neither crash nor hang: the global batch is gathered with
     each rank's own size, and the losses and gradients (each rank weighted by its share) equal one process's."""
     total = shards[-1][1]
-    tests_dir = str(__import__("pathlib").Path(__file__).parent)
-    script = tmp_path / "worker.py"
-    script.write_text(UNEVEN_WORKER.format(tests_dir=tests_dir, shards=shards, training=training, total=total))
-    out = tmp_path / "out.pt"
-    workers = [
-        subprocess.Popen([sys.executable, str(script), str(rank), "2", str(tmp_path / "init"), str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-        for rank in range(2)
-    ]
-    reference_losses, reference_grads = stage1_losses_and_gradients(slice(0, total), training=training)
-    logs = [w.communicate(timeout=600)[0] for w in workers]
-    assert all(w.returncode == 0 for w in workers), "\n".join(log[-3000:] for log in logs)
-    distributed = torch.load(out)
+    worker = UNEVEN_WORKER.format(tests_dir=TESTS_DIR, shards=shards, training=training, total=total)
+    distributed, (reference_losses, reference_grads) = run_two_ranks(
+        tmp_path, worker, lambda: stage1_losses_and_gradients(slice(0, total), training=training)
+    )
     assert reference_losses["itm_loss"] > 0 and reference_losses["itc_loss"] > 0
     for name, loss in reference_losses.items():
         torch.testing.assert_close(distributed["losses"][name], loss, msg=name)
