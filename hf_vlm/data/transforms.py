@@ -7,8 +7,8 @@ hf_vlm.data.images, the one decoder that training, `hf-vlm eval` and the Space s
 The evaluation transform is the model's image processor applied to the decoded RGB image, so the trainer's
 evaluation (and "none"-augmentation) samples, `hf-vlm eval`, the processor itself and the Space give
 bit-identical `pixel_values` for the same file. Without a processor, `build_image_transform(train=False)`
-builds the image processor that the model family's processor uses (see EVAL_RESIZE), with the same
-arguments as `CocaProcessor.from_tokenizer` / `Blip2FlanT5Processor.from_tokenizers`.
+builds the image processor that the model family's processor uses (see EVAL_RESIZE): the same
+`build_image_processor` as `CocaProcessor.from_tokenizer` / `Blip2FlanT5Processor.from_tokenizers`.
 """
 
 from __future__ import annotations
@@ -63,27 +63,17 @@ def evaluation_image_processor(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ):
-    """The transformers image processor of the recipe's model family (EVAL_RESIZE), configured as that
-    family's processor builds it."""
-    from transformers import BlipImageProcessor, CLIPImageProcessor
-    from transformers.image_utils import PILImageResampling
+    """The transformers image processor of the recipe's model family (EVAL_RESIZE): the one that family's
+    processor builds (`build_image_processor` next to CocaProcessor / Blip2FlanT5Processor)."""
+    from hf_vlm.modeling.blip2_flant5.processing_blip2_flant5 import (
+        build_image_processor as blip2_image_processor,
+    )
+    from hf_vlm.modeling.coca.processing_coca import build_image_processor as coca_image_processor
 
     if recipe not in EVAL_RESIZE:
         raise ValueError(f"unknown image augmentation {recipe!r}; expected one of {sorted(EVAL_RESIZE)}")
-    if EVAL_RESIZE[recipe] == "square":
-        return BlipImageProcessor(
-            size={"height": image_size, "width": image_size},
-            resample=PILImageResampling.BICUBIC,
-            image_mean=list(mean),
-            image_std=list(std),
-            do_convert_rgb=True,
-        )
-    return CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(mean),
-        image_std=list(std),
-    )
+    build = blip2_image_processor if EVAL_RESIZE[recipe] == "square" else coca_image_processor
+    return build(image_size, image_mean=mean, image_std=std)
 
 
 def build_image_transform(

@@ -23,6 +23,21 @@ logger = logging.get_logger(__name__)
 QFORMER_TOKENIZER_SUBFOLDER = "qformer_tokenizer"
 
 
+def build_image_processor(image_size: int = 224, image_mean=None, image_std=None):
+    """BLIP-2's preprocessing (LAVIS `blip_image_eval`) as a transformers image processor: bicubic resize of the
+    whole image to `image_size` x `image_size`, CLIP mean/std (the default), RGB."""
+    from transformers import BlipImageProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+    return BlipImageProcessor(
+        size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN),
+        image_std=list(image_std if image_std is not None else OPENAI_CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
 class Blip2FlanT5Processor(ProcessorMixin):
     def __init__(self, image_processor, tokenizer, chat_template=None, **kwargs):
         # The Q-Former tokenizer is not a ProcessorMixin attribute: those are all required, this one is optional.
@@ -33,17 +48,7 @@ class Blip2FlanT5Processor(ProcessorMixin):
     @classmethod
     def from_tokenizers(cls, tokenizer, qformer_tokenizer=None, image_size: int = 224, max_text_length: int = 32):
         """The processor BLIP-2 is trained with: `image_size` px bicubic resize, CLIP mean/std, RGB."""
-        from transformers import BlipImageProcessor
-        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-
-        image_processor = BlipImageProcessor(
-            size={"height": image_size, "width": image_size},
-            resample=PILImageResampling.BICUBIC,
-            image_mean=OPENAI_CLIP_MEAN,
-            image_std=OPENAI_CLIP_STD,
-            do_convert_rgb=True,
-        )
-        return cls(image_processor, tokenizer, qformer_tokenizer=qformer_tokenizer, max_text_length=max_text_length)
+        return cls(build_image_processor(image_size), tokenizer, qformer_tokenizer=qformer_tokenizer, max_text_length=max_text_length)
 
     @property
     def model_input_names(self):

@@ -20,6 +20,17 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+def build_image_processor(image_size: int = 224, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD):
+    """open_clip's CoCa evaluation preprocessing as a transformers image processor: bicubic resize of the short
+    side to `image_size`, center crop, CLIP normalization."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=list(image_mean), image_std=list(image_std),
+    )
+
+
 class CocaProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -28,16 +39,10 @@ class CocaProcessor(ProcessorMixin):
     def from_tokenizer(cls, tokenizer, image_size: int = 224) -> CocaProcessor:
         """A processor with open_clip's CoCa image preprocessing at `image_size` (the model's
         `config.vision_config.image_size`) and the given tokenizer."""
-        from transformers import CLIPImageProcessor
-
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-            image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
-        )
-        return cls(image_processor=image_processor, tokenizer=tokenizer)
+        return cls(image_processor=build_image_processor(image_size), tokenizer=tokenizer)
 
 
 # save_pretrained copies this file and writes `auto_map`, so the saved folder loads without hf_vlm.
 CocaProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["CocaProcessor"]
+__all__ = ["CocaProcessor", "build_image_processor"]
