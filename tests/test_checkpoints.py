@@ -381,3 +381,63 @@ print(json.dumps({{"classes": [type(model).__module__, type(processor).__module_
         out = model(**inputs)
     torch.testing.assert_close(torch.tensor(pulled["image_embeds"]), out.image_embeds, rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.tensor(pulled["text_embeds"]), out.text_embeds, rtol=0, atol=1e-6)
+
+
+# ---- streaming resume (points 1, 2 and 4) -----------------------------------------------------------------------
+
+
+class DecodedImages:
+    """Test probe: how many images the training stream decoded, at each save and at the end (one process, no
+    DataLoader workers: the stream the Trainer iterates is this process's)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class Callback(TrainerCallback):
+            def on_save(self, args, state, control, train_dataloader=None, **kwargs):
+                probe.at_save[state.global_step] = train_dataloader.dataset.preparer.decoded
+
+            def on_train_end(self, args, state, control, train_dataloader=None, **kwargs):
+                probe.total = train_dataloader.dataset.preparer.decoded
+
+        self.at_save, self.total, self.callback = {}, None, Callback()
+
+
+def test_a_streaming_run_resumed_mid_stream_ends_as_the_uninterrupted_one(assets, tmp_path):
+    """--streaming with the recipe's random augmentation, a corrupt image and an empty caption in the shards:
+    resumed from checkpoint-3 of 6, the run ends with the same weights and skip counts as the uninterrupted run,
+    and decodes only the images after the checkpoint (plus the one batch accelerate had fetched ahead)."""
+    from safetensors.torch import load_file
+
+    from hf_vlm.scenes import export_webdataset, generate_scenes
+
+    shards = tmp_path / "shards"
+    export_webdataset(list(generate_scenes("train", 12, seed=0)), shards, samples_per_shard=6)
+    with open(shards / "bad.tar", "wb") as handle:
+        import io
+        import tarfile
+
+        with tarfile.open(fileobj=handle, mode="w") as tar:
+            for name, data in {"b0.png": b"not a png", "b0.txt": b"a caption", "b1.png": b"", "b1.txt": b" "}.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    stream = ["--train_data", f"{shards}/*.tar", "--streaming", "--shuffle_buffer", "4", "--max_steps", "6",
+              "--save_steps", "3"]
+    full, resumed = DecodedImages(), DecodedImages()
+    pretrain(_args(assets, tmp_path / "full", *stream), callbacks=[full.callback])
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    pretrain(_args(assets, tmp_path / "resumed", *stream, "--resume_from_checkpoint", "last"),
+             callbacks=[resumed.callback])
+
+    reference, result = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "resumed"))
+    differing = [name for name in reference if not torch.equal(reference[name], result[name])]
+    assert not differing, f"{len(differing)} of {len(reference)} tensors differ, e.g. {differing[:3]}"
+    summaries = [json.loads((tmp_path / run / "training_summary.json").read_text()) for run in ("full", "resumed")]
+    assert summaries[0]["skipped_samples"] == summaries[1]["skipped_samples"]
+    assert summaries[0]["skipped_samples"]["corrupt_image"] > 0 and summaries[0]["skipped_samples"]["empty_caption"] > 0
+    after_checkpoint = full.total - full.at_save[3]
+    assert after_checkpoint < resumed.total <= after_checkpoint + 4 + 2  # one look-ahead batch of 4, + bad images

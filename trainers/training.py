@@ -99,7 +99,12 @@ class DataArguments:
                   "(turns on --eval_strategy steps; --eval_steps defaults to --logging_steps)"},
     )
     max_length: int | None = field(default=None, metadata={"help": "text tokens; default: the data recipe's"})
-    shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle buffer (samples)"})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle block (samples)"})
+    max_skip_fraction: float = field(
+        default=0.1,
+        metadata={"help": "stop when more than this share of the last 1000 samples a process drew were unusable "
+                  "(naming the worst shards); 1 never stops"},
+    )
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder"})
 
 
@@ -159,6 +164,12 @@ def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], pro
                          "(one or more PATH[@WEIGHT] sources)")
     if init_distributed_state(use_deepspeed=bool(namespace.deepspeed)):
         namespace.accelerator_config = {**(namespace.accelerator_config or {}), "use_configured_state": True}
+    if namespace.streaming:
+        # Every rank reads and decodes its own shards (hf_vlm.data splits the stream by node); accelerate's default
+        # for an IterableDataset would have rank 0 read the whole global batch and broadcast it. The stream's
+        # position is restored from the checkpoint (hf_vlm.data.resume), so the Trainer must not fast-forward it.
+        namespace.accelerator_config = {**(namespace.accelerator_config or {}), "dispatch_batches": False}
+        namespace.ignore_data_skip = True
 
     outputs = []
     for dtype in parser.dataclass_types:
@@ -292,6 +303,7 @@ def build_data(stage: Stage, model, processor, data_args: DataArguments, trainin
         # evaluation order does not matter for a mean loss: no shuffle buffer to fill
         shuffle_buffer=data_args.shuffle_buffer if train else 0,
         cache_dir=data_args.dataset_cache_dir,
+        max_skip_fraction=data_args.max_skip_fraction,
         **kwargs,
     )
 
@@ -336,6 +348,7 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
     from transformers import Trainer, set_seed
 
     from hf_vlm.data import SkippedSamplesCallback
+    from hf_vlm.data.resume import StreamStateCallback, enable_stateful_dataloader
     from hf_vlm.trainers.checkpoints import CompleteCheckpointCallback, resolve_resume
     from hf_vlm.trainers.distributed import patch_deepspeed_scalar_broadcast
 
@@ -368,11 +381,16 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
     skips = SkippedSamplesCallback.attach(trainer, data.counter)
     trainer.model_accepts_loss_kwargs = forward_uses_num_items_in_batch(model)
 
-    # Last in line: a checkpoint is marked complete after every other on_save callback has written into it.
-    CompleteCheckpointCallback.attach(trainer)
-
     # `last`: the newest complete checkpoint-N in output_dir; a path must be a complete checkpoint.
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, prog)
+    if data_args.streaming:
+        # The stream position and skip counts go into every checkpoint; a resumed stream continues from there
+        # instead of decoding every consumed sample again (the Trainer's own fast-forward is off: ignore_data_skip).
+        enable_stateful_dataloader(trainer)
+        trainer.add_callback(StreamStateCallback(data.counter, resume_from=resume))
+
+    # Last in line: a checkpoint is marked complete after every other on_save callback has written into it.
+    CompleteCheckpointCallback.attach(trainer)
     trainer.train(resume_from_checkpoint=resume)
 
     # Final weights + processor (the Trainer's processing_class) in output_dir: `from_pretrained(output_dir)`.
