@@ -4,6 +4,7 @@ trainers/pretrain.py and finetune.py, on the tiny recipes of both families.
 Launches are the slow part (imports + DeepSpeed start), so each fixture launches once and several tests
 read its outputs:
   coca_zero2     coca-tiny, ZeRO-2, on shards holding a corrupt image and an empty caption
+  coca_streaming coca-tiny --streaming, ZeRO-2, and the same run resumed from a copy of its checkpoint-3
   coca_resumed   the same run SIGKILLed at step 7, then resumed from checkpoint-6 (mid-epoch, random augmentation)
   coca_caption   finetune.py coca-tiny-caption from coca_zero2's output, ZeRO-3
   blip2_stage1   blip2-tiny-stage1 from a saved initial checkpoint, ZeRO-3
@@ -219,6 +220,20 @@ def coca_resumed(assets, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def coca_streaming(assets, tmp_path_factory):
+    """coca-tiny --streaming on 2 ranks (ZeRO-2), 6 steps; then a second run resumed from a copy of its checkpoint-3."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("coca_streaming")
+    stream = ["--streaming", "--shuffle_buffer", "4", "--max_steps", "6", "--save_steps", "3"]
+    check(launch(tmp, "pretrain", [*_coca_args(assets, tmp / "full"), *stream], name="streaming"))
+    shutil.copytree(tmp / "full" / "checkpoint-3", tmp / "resumed" / "checkpoint-3")
+    check(launch(tmp, "pretrain", [*_coca_args(assets, tmp / "resumed"), *stream, "--resume_from_checkpoint", "last"],
+                 name="streaming_resumed"))
+    return tmp / "full", tmp / "resumed"
+
+
+@pytest.fixture(scope="module")
 def blip2_stage1(assets, tmp_path_factory):
     from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForPretraining
     from hf_vlm.presets import get_config
@@ -303,6 +318,20 @@ def test_sigkill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(coca_z
     uninterrupted, after_resume = step_losses(coca_zero2), step_losses(out)
     for step in range(5, COCA_STEPS + 1):
         assert after_resume[step] == uninterrupted[step], step
+
+
+def test_a_streaming_run_on_two_ranks_resumes_mid_stream_to_the_uninterrupted_weights(coca_streaming):
+    """Each rank reads its own part of the stream (no rank-0 dispatch) and saves its stream position; resumed
+    from checkpoint-3, both ranks continue where they were: same final weights and skip counts."""
+    full, resumed = coca_streaming
+    assert {p.name for p in (full / "checkpoint-3").glob("data_state_rank*.pt")} == {
+        "data_state_rank0.pt", "data_state_rank1.pt"}
+    reference, result = weights(full), weights(resumed)
+    differing = [k for k in reference if not torch.equal(reference[k], result[k])]
+    assert not differing, f"{len(differing)} of {len(reference)} tensors differ, e.g. {differing[:3]}"
+    summaries = [json.loads((run / "training_summary.json").read_text()) for run in (full, resumed)]
+    assert summaries[0]["skipped_samples"] == summaries[1]["skipped_samples"]
+    assert step_losses(resumed) == step_losses(full) and sorted(step_losses(full)) == [1, 2, 3, 4, 5, 6]
 
 
 def test_blip2_stage1_zero3_frozen_vit_is_bit_identical_and_qformer_trained(blip2_stage1):
