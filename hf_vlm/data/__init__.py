@@ -92,8 +92,9 @@ def build_training_data(
     Streaming data is split between the processes of a distributed run (`split_by_node`): each rank reads its own
     shards (`datasets.distributed.split_dataset_by_node`; whole shards when their number divides by the world
     size, else every world_size-th sample), its DataLoader workers split those further, and the stream repeats
-    until --max_steps (`repeat=False`: one pass). Give the Trainer `accelerator_config={"dispatch_batches": False}` so that rank 0 does not
-    read and broadcast everyone's batches (the trainers do). Map-style data is split by the Trainer's sampler.
+    until --max_steps (`repeat=False`: one pass). Give the Trainer `accelerator_config={"dispatch_batches": False}`
+    so that rank 0 does not read and broadcast everyone's batches (the trainers do). Map-style data is split by
+    the Trainer's sampler.
     """
     spec = data_recipe(recipe)
     if processor is None and (image_transform is None or tokenizer is None):
