@@ -97,7 +97,7 @@ def load_eval_data(spec: str = "scenes:test", *, num_samples: int | None = None,
             continue
         where = row.get("__key__") or (value.get("path") if isinstance(value, dict) else None)
         try:
-            image = _decode_image(value, where)
+            image = load_rgb_image(value, where)
         except SkippedSample as skip:  # zero bytes, not an image, truncated, a decompression bomb...
             data.skip(UNDECODABLE_IMAGE)
             if data.skipped[UNDECODABLE_IMAGE] <= MAX_SKIP_WARNINGS:
@@ -114,12 +114,6 @@ def load_eval_data(spec: str = "scenes:test", *, num_samples: int | None = None,
             data.labels = [None if label is None else names.index(label_names[label]) for label in data.labels]
     data.class_names = names
     return data
-
-
-def _decode_image(value, sample_id: str | None = None):
-    """An RGB PIL image from an image value (a PIL image or an undecoded `datasets.Image` {"bytes", "path"}):
-    the decoder training and the Space use (`hf_vlm.data.images.load_rgb_image`). Raises SkippedSample."""
-    return load_rgb_image(value, sample_id)
 
 
 def image_inputs(processor, images: Sequence):
