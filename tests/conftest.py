@@ -57,3 +57,50 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def http_server():
+    """`serve(folder) -> "http://127.0.0.1:PORT"`: a real HTTP server on the loopback serving a folder's files
+    (stopped after the test)."""
+    import functools
+    import http.server
+    import threading
+
+    servers = []
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    def serve(folder) -> str:
+        handler = functools.partial(Quiet, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def blip2_checkpoint(tmp_path_factory):
+    """A blip2-tiny checkpoint folder (random weights, 32-pixel processor) for `hf-vlm eval` runs."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    import hf_vlm  # noqa: F401
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+    from hf_vlm.presets import get_config
+    from hf_vlm.testing import TINY_CORPUS
+    from hf_vlm.tokenization import train_t5_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("blip2-tiny")
+    processor = Blip2FlanT5Processor.from_tokenizers(train_t5_tokenizer(TINY_CORPUS, vocab_size=96), image_size=32)
+    AutoModelForImageTextToText.from_config(get_config("blip2-tiny")).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

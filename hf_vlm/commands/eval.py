@@ -1,6 +1,7 @@
 """`hf-vlm eval CHECKPOINT --task ...`: caption (CIDEr, BLEU-4, exact match), VQA accuracy, zero-shot
-top-1/top-5 and retrieval R@1/5/10 of a checkpoint on the synthetic test scenes or on a local
-imagefolder / webdataset; prints a table and merges the results into CHECKPOINT/eval_results.json."""
+top-1/top-5 and retrieval R@1/5/10 of a checkpoint on the synthetic test scenes or on any source training's
+--train_data takes (webdataset shards, imagefolder, parquet, Hub dataset; local, remote or pipe:); prints a table
+and merges the results into CHECKPOINT/eval_results.json."""
 
 from __future__ import annotations
 
@@ -54,9 +55,12 @@ def register(subparsers) -> None:
                         help="tasks to run (default: every task the model supports: "
                              "coca: caption zero-shot retrieval; blip2_flant5: caption vqa)")
     parser.add_argument("--data", default="scenes:test",
-                        help="scenes:SPLIT (synthetic scenes), an imagefolder with metadata.jsonl, "
-                             "or webdataset .tar shards (folder, file or glob); default scenes:test")
-    parser.add_argument("--split", default=None, help="split of a local dataset (default: test, or its only split)")
+                        help="scenes:SPLIT (synthetic scenes), or one source as training's --train_data takes it: "
+                             "webdataset .tar shards (folder, file, glob, brace pattern 'x/{000..009}.tar', "
+                             "https:// / hf:// / s3:// / gs:// URL, pipe:COMMAND), an imagefolder with "
+                             "metadata.jsonl/.csv, parquet files, or a Hub dataset name; default scenes:test")
+    parser.add_argument("--split", default=None,
+                        help="split sub-folder of a folder, or split of a Hub dataset (default: test, or its only one)")
     parser.add_argument("--num-samples", type=int, default=None,
                         help=f"evaluate at most this many images (scenes default: {DEFAULT_SCENE_SAMPLES})")
     parser.add_argument("--scene-image-size", type=int, default=None, help="size of generated scenes in pixels")

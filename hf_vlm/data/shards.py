@@ -13,9 +13,10 @@ worker reaches it, so 64 ranks never fetch 40,000 shard headers at start-up.
 The readers yield one row per sample with the canonical columns (see `hf_vlm.data.sources`) and NEVER raise for
 bad data. A sample, member or shard that cannot be read becomes a row whose `__error__` column says why
 ("<reason>\t<detail>", a reason of `hf_vlm.data.skips.SKIP_REASONS`), with `__url__` and `__key__` naming it;
-`hf_vlm.data.pipeline` counts and logs it. This is why hf-vlm reads tars and metadata files itself instead of
-through `datasets`' webdataset/imagefolder builders, which stop the whole stream on one truncated member or one
-non-UTF-8 caption, naming neither shard nor key.
+`hf_vlm.data.pipeline` counts and logs it. With task `RAW` the readers keep every field of a sample instead of the
+canonical columns (what `hf-vlm eval` reads: several captions, question lists, labels), with the same error rows.
+This is why hf-vlm reads tars and metadata files itself instead of through `datasets`' webdataset/imagefolder
+builders, which stop the whole stream on one truncated member or one non-UTF-8 caption, naming neither shard nor key.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from collections.abc import Iterator
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "img", "image")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# The reader task that keeps every field of a sample (`hf-vlm eval`); "caption"/"vqa" give the canonical columns.
+RAW = "raw"
+# Members decoded in RAW rows besides images: JSON parsed, text as UTF-8 (webdataset's own decoders for these).
+JSON_EXTENSIONS = ("json", "jsn")
+TEXT_EXTENSIONS = ("txt", "text", "transcript", "cls", "cls2", "index", "inx", "id")
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -247,7 +253,10 @@ def _lookup(fields: dict, name: str, where: str, parsed: dict):
 
 
 def _build_row(fields: dict, columns: Columns, task: str, url: str, key: str, where: str) -> dict:
-    """Canonical row from one sample's fields (bytes for tar members, values for metadata rows)."""
+    """Canonical row from one sample's fields (bytes for tar members, values for metadata rows); task RAW: every
+    field (see `_raw_row`)."""
+    if task == RAW:
+        return _raw_row(fields, url, key, where)
     parsed: dict = {}
     row = {"image": None, "text": None, "question": None, "answers": None, "__key__": key, "__url__": url,
            "__error__": None}
@@ -270,6 +279,28 @@ def _build_row(fields: dict, columns: Columns, task: str, url: str, key: str, wh
     except _BadField as bad:
         return error_row(bad.reason, bad.detail, url, key)
     return row
+
+
+def _raw_row(fields: dict, url: str, key: str, where: str) -> dict:
+    """Every field of one sample plus `__key__`/`__url__`/`__error__`: image members as {"bytes", "path"}, JSON
+    members parsed and text members decoded (a bad one makes the sample a `bad_json` / `bad_text_encoding` error
+    row), other members as bytes; metadata values as they are."""
+    row = {}
+    try:
+        for name, value in fields.items():
+            if not isinstance(value, bytes):
+                row[name] = value
+            elif name in IMAGE_EXTENSIONS:
+                row[name] = {"bytes": value, "path": f"{key}.{name}"}
+            elif name in JSON_EXTENSIONS:
+                row[name] = _parse_json(value, f"{where} .{name}")
+            elif name in TEXT_EXTENSIONS:
+                row[name] = _text(value, f"{where} .{name}")
+            else:
+                row[name] = value
+    except _BadField as bad:
+        return error_row(bad.reason, bad.detail, url, key)
+    return {**row, "__key__": key, "__url__": url, "__error__": None}
 
 
 # ------------------------------------------------------------------------------------------------ readers

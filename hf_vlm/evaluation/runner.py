@@ -3,30 +3,49 @@
 Tasks per model family: CoCa does captioning, zero-shot classification and retrieval; BLIP-2-FlanT5
 does captioning and VQA (prompt "Question: {} Short answer:", as LAVIS evaluates it).
 
-Evaluation data (`load_eval_data`):
+Evaluation data (`load_eval_data`, `--data`):
 - `scenes:SPLIT` — the synthetic scenes of `hf_vlm.scenes` (test split by default), generated here;
-- a folder with `metadata.jsonl`/`.csv` (imagefolder) or webdataset `.tar` shards (a folder of them,
-  one shard, or a glob), read with `datasets`. Columns: the image (`image`, or the webdataset's
-  `png`/`jpg`/...), captions (`caption`, `captions` or the webdataset's `txt`), questions (parallel
-  `questions`/`answers`[/`question_types`] lists, a `qa` list of {question, answer(s)}, or one
-  `question` with `answer`/`answers`), and a class `label` (with names from a ClassLabel feature,
-  `label_name`s, or `--class-names`). A webdataset sample's `.json` fields count as columns.
-Rows that lack what a task needs, or whose image cannot be decoded, are skipped and counted.
+- any address training's `--train_data` takes, resolved and read by the same code (`hf_vlm.data.sources.
+  resolve_source`, the readers of `hf_vlm.data.shards`): webdataset `.tar` shards (a folder, a file, a glob, a brace
+  pattern `shards/{000..009}.tar`, `https://`, `hf://`, `s3://`, `gs://` URLs, `pipe:COMMAND`), an imagefolder
+  (`metadata.jsonl`/`.csv`), parquet files, or a Hub dataset name (`org/name`). A folder with split sub-folders
+  (`train/`, `test/`, ...) and a Hub dataset are read in their `test` split, or their only one, or `--split`.
+Columns: the image (`image`, or the webdataset's `jpg`/`png`/...: training's image columns), captions (`captions`,
+or training's caption columns `text`/`caption`/`txt`; one or a list each), questions (parallel `questions`/`answers`
+[/`question_types`] lists, a `qa` list of {question, answer(s)}, or one `question` with training's answer columns
+`answers`/`answer`/`multiple_choice_answer`; VQAv2's [{"answer": ...}] lists too), and a class `label` (or the
+webdataset's `cls`; named by a ClassLabel feature, `label_name` fields, `--class-names`, or a label that is a name
+itself). A webdataset sample's `.json` fields count as columns.
+Bad data is skipped and counted under training's reasons (`hf_vlm.data.skips.SKIP_REASONS`), never raised: a
+truncated tar member (the samples before it are kept), an unreadable shard, a non-UTF-8 text member or metadata line,
+invalid JSON, a missing, zero-byte, undecodable or decompression-bomb image (decoded by training's
+`load_rgb_image`), an empty question or answer; the first few are logged with shard and key. Rows without captions
+or labels stay for the tasks that do not need them (each task counts what it leaves out). `num_samples` caps the
+number of images kept; a source is read only as far as needed.
 """
 
 from __future__ import annotations
 
 import datetime
-import glob
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_vlm.data import shards as shard_io
 from hf_vlm.data.collators import VQA_PROMPT  # the prompt BLIP-2's VQA fine-tune is trained with
 from hf_vlm.data.images import load_rgb_image  # the one image decoder (training, eval, the Space)
+from hf_vlm.data.pipeline import sample_id
 from hf_vlm.data.skips import SkippedSample
+from hf_vlm.data.sources import (
+    DEFAULT_ANSWERS_COLUMNS,
+    DEFAULT_IMAGE_COLUMNS,
+    DEFAULT_QUESTION_COLUMNS,
+    DEFAULT_TEXT_COLUMNS,
+    ImageTextSource,
+    resolve_source,
+)
 from hf_vlm.evaluation.captioning import caption_metrics
 from hf_vlm.evaluation.ranking import retrieval_recall, topk_accuracy
 from hf_vlm.evaluation.results import format_table, save_results
@@ -36,9 +55,13 @@ TASKS = ("caption", "vqa", "zero-shot", "retrieval")
 TASKS_BY_MODEL_TYPE = {"coca": ("caption", "zero-shot", "retrieval"), "blip2_flant5": ("caption", "vqa")}
 DEFAULT_ZERO_SHOT_TEMPLATE = "a photo of a {}."
 DEFAULT_SCENE_SAMPLES = 200
-IMAGE_COLUMNS = ("image", "png", "jpg", "jpeg", "webp")
-UNDECODABLE_IMAGE = "undecodable image"  # the skip reason of an image load_rgb_image refuses
-MAX_SKIP_WARNINGS = 10  # the first skipped images are logged with what was wrong; later ones only counted
+DEFAULT_SPLIT = "test"
+# Training's columns (hf_vlm.data.sources), top-level only: a webdataset .json's fields are merged into the row.
+CAPTION_COLUMNS = ("captions", *(c for c in DEFAULT_TEXT_COLUMNS if "." not in c))
+QUESTION_COLUMNS = tuple(c for c in DEFAULT_QUESTION_COLUMNS if "." not in c)
+ANSWER_COLUMNS = tuple(c for c in DEFAULT_ANSWERS_COLUMNS if "." not in c)
+LABEL_COLUMNS = ("label", "cls")
+MAX_SKIP_WARNINGS = 10  # the first skipped samples are logged with shard, key and what was wrong; later ones counted
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +85,7 @@ class EvalData:
     labels: list[int | None] = field(default_factory=list)  # per image
     class_names: list[str] | None = None
     zero_shot_template: str | None = None  # how the captions phrase a class, e.g. "a large {}"
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    skipped: dict[str, int] = field(default_factory=dict)  # reason (hf_vlm.data.skips.SKIP_REASONS) -> count
 
     def skip(self, reason: str, count: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + count
@@ -72,48 +95,141 @@ class EvalData:
 
 def load_eval_data(spec: str = "scenes:test", *, num_samples: int | None = None, split: str | None = None,
                    scene_image_size: int | None = None, class_names: Sequence[str] | None = None) -> EvalData:
-    """The evaluation set named by `spec` (see the module docstring): its first `num_samples` rows
-    (all when None). Files are streamed, so a large corpus is read only as far as needed."""
-    import datasets
-
+    """The evaluation set named by `spec` (see the module docstring): its first `num_samples` usable images
+    (all when None). Sources are streamed, so a large corpus is read only as far as needed."""
     if spec == "scenes" or spec.startswith("scenes:"):
         return _load_scenes(spec, num_samples, scene_image_size)
-    dataset = _load_files(spec, split)
-    features = dataset.features or {}
-    image_column = next((c for c in IMAGE_COLUMNS if c in features), None)
-    if features and image_column is None:
-        raise ValueError(f"--data {spec}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); "
-                         f"columns: {', '.join(features)}")
-    if image_column is not None:  # decoded here, so that a corrupt image is counted instead of raising
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    names = list(class_names) if class_names else getattr(features.get("label"), "names", None)
+    rows, features = _read_rows(spec, split)
     data = EvalData(name=spec)
-    label_names: dict[int, str] = {}
-    for row in dataset if num_samples is None else dataset.take(num_samples):
-        row = {**(row.pop("json", None) or {}), **row}  # a webdataset sample's .json fields are columns too
-        value = row.get(image_column) if image_column else next((row[c] for c in IMAGE_COLUMNS if c in row), None)
-        if value is None:
-            data.skip("no image")
-            continue
-        where = row.get("__key__") or (value.get("path") if isinstance(value, dict) else None)
-        try:
-            image = load_rgb_image(value, where)
-        except SkippedSample as skip:  # zero bytes, not an image, truncated, a decompression bomb...
-            data.skip(UNDECODABLE_IMAGE)
-            if data.skipped[UNDECODABLE_IMAGE] <= MAX_SKIP_WARNINGS:
-                logger.warning("--data %s: skipped an undecodable image (%s)", spec, skip.detail)
-            continue
-        _add_row(data, image, row)
-        if row.get("label_name") is not None and data.labels[-1] is not None:
-            label_names[data.labels[-1]] = row["label_name"]
-    if names is None and label_names:
-        if sorted(label_names) == list(range(len(label_names))):
-            names = [label_names[i] for i in range(len(label_names))]
-        else:  # not every class occurs: classify among the named classes that do, relabelled in name order
-            names = sorted(set(label_names.values()))
-            data.labels = [None if label is None else names.index(label_names[label]) for label in data.labels]
-    data.class_names = names
+    names = list(class_names) if class_names else getattr((features or {}).get("label"), "names", None)
+    label_values: list[tuple[int | None, str | None]] = []  # per image: (label, class name)
+    try:
+        for row in rows:
+            _read_row(data, row, spec, label_values)
+            if num_samples is not None and len(data.images) >= num_samples:
+                break
+    finally:
+        if hasattr(rows, "close"):  # our readers' generators: close the shard being read (a pipe: command too)
+            rows.close()
+    data.class_names, data.labels = _class_names_and_labels(label_values, names)
     return data
+
+
+def _read_rows(spec: str, split: str | None) -> tuple[Iterable[dict], dict | None]:
+    """The rows of a source, resolved exactly as training resolves `--train_data`, and the `datasets` features
+    when it has them (parquet, Hub). Webdataset and imagefolder sources are read by training's own readers in
+    their RAW mode (every field; bad members, lines and shards as `__error__` rows)."""
+    import datasets
+
+    source = ImageTextSource.from_spec(spec)
+    if source.path != spec:
+        raise ValueError(f"--data {spec}: evaluation reads one source; drop the @WEIGHT")
+    address = source.path
+    source.split = split or DEFAULT_SPLIT
+    try:
+        fmt, files = resolve_source(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (or use scenes:SPLIT for the synthetic scenes)") from err
+    if fmt != "hub":
+        _check_split(spec, address, files, split)
+    if fmt in ("hub", "parquet"):  # through `datasets`, as training loads them
+        kwargs = files if fmt == "hub" else {"path": "parquet", "data_files": {source.split: files}}
+        try:
+            loaded = datasets.load_dataset(**kwargs, streaming=True)
+        except Exception as err:
+            raise RuntimeError(f"--data {spec}: could not load the {fmt} source: {err}") from err
+        return _with_undecoded_image(spec, _choose_split(spec, loaded, split if fmt == "hub" else None))
+    first = shard_io.first_sample_fields(fmt, files)
+    if first is not None and not any(c in first[1] for c in DEFAULT_IMAGE_COLUMNS):
+        raise ValueError(f"--data {spec}: no image column (looked for {', '.join(DEFAULT_IMAGE_COLUMNS)}); "
+                         f"the first sample ({first[0]}) has {', '.join(first[1])}")
+    reader = shard_io.iter_webdataset if fmt == "webdataset" else shard_io.iter_imagefolder
+    return reader(files, None, shard_io.RAW), None
+
+
+def _split_folders(folder: str, files: list[str]) -> list[str]:
+    """The split sub-folders (datasets' split names: train/, test/, validation/, ...) the files lie in below
+    `folder`."""
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    known = {name for names in SPLIT_KEYWORDS.values() for name in names}
+    above = set(folder.replace(os.sep, "/").split("/"))
+    return sorted({part for f in files for part in f.replace(os.sep, "/").split("/")[:-1]
+                   if part in known and part not in above})
+
+
+def _check_split(spec: str, address: str, files: list[str], split: str | None) -> None:
+    """A folder's files are those of its `split` sub-folder (resolve_source picked them); say so when that split
+    does not exist, or when no split was asked for and the folder has several but no test split."""
+    addresses = shard_io.expand_address(address)
+    if not (len(addresses) == 1 and shard_io.is_directory(addresses[0])):
+        if split is not None:
+            raise ValueError(f"--split {split}: --data {spec} names files; --split chooses a split sub-folder of a "
+                             "folder or a split of a Hub dataset")
+        return
+    splits = _split_folders(addresses[0], files)
+    chosen = split or DEFAULT_SPLIT
+    if not splits or chosen in splits:
+        if split is not None and not splits:
+            raise ValueError(f"--data {spec} has no split {split!r}: it has no split sub-folders")
+        return
+    if split is not None:
+        raise ValueError(f"--data {spec} has no split {split!r}; it has: {', '.join(splits)}")
+    if len(splits) > 1:
+        raise ValueError(f"--data {spec} has several splits ({', '.join(splits)}) and no {DEFAULT_SPLIT!r}; "
+                         "choose one with --split")
+
+
+def _choose_split(spec: str, loaded, split: str | None):
+    if split is not None:
+        if split not in loaded:
+            raise ValueError(f"--data {spec} has no split {split!r}; it has: {', '.join(loaded)}")
+        return loaded[split]
+    if DEFAULT_SPLIT in loaded:
+        return loaded[DEFAULT_SPLIT]
+    if len(loaded) == 1:
+        return next(iter(loaded.values()))
+    raise ValueError(f"--data {spec} has several splits ({', '.join(loaded)}); choose one with --split")
+
+
+def _with_undecoded_image(spec: str, dataset):
+    """A `datasets` dataset whose image column stays undecoded ({"bytes", "path"}), as training reads it: decoded
+    per row by `load_rgb_image`, so that a bad image is counted instead of raising."""
+    import datasets
+
+    features = dataset.features or {}
+    image_column = next((c for c in DEFAULT_IMAGE_COLUMNS if c in features), None)
+    if features and image_column is None:
+        raise ValueError(f"--data {spec}: no image column (looked for {', '.join(DEFAULT_IMAGE_COLUMNS)}); "
+                         f"columns: {', '.join(features)}")
+    if image_column is not None:
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset, dataset.features
+
+
+def _skip(data: EvalData, spec: str, row: dict, reason: str, detail: str) -> None:
+    """Count a skipped sample (or question) under its training reason; the first few are logged with shard and key."""
+    data.skip(reason)
+    if sum(data.skipped.values()) <= MAX_SKIP_WARNINGS:
+        logger.warning("--data %s: skipped sample %s (%s): %s", spec, sample_id(row), reason, detail)
+
+
+def _read_row(data: EvalData, row: dict, spec: str, label_values: list) -> None:
+    """Add one row's image, captions, questions and label to `data`, or count why it cannot be used."""
+    if row.get("__error__"):  # a bad member, line or shard, as the readers report it to training
+        reason, _, detail = row["__error__"].partition("\t")
+        _skip(data, spec, row, reason, detail)
+        return
+    if isinstance(row.get("json"), dict):  # a webdataset sample's .json fields are columns too
+        row = {**row.pop("json"), **row}
+    value = next((row[c] for c in DEFAULT_IMAGE_COLUMNS if row.get(c) is not None), None)
+    try:
+        image = load_rgb_image(value)  # missing, zero bytes, not an image, truncated, a decompression bomb...
+    except SkippedSample as skip:
+        _skip(data, spec, row, skip.reason, skip.detail)
+        return
+    _add_row(data, image, row, spec)
+    label_values.append(_label(row))
 
 
 def image_inputs(processor, images: Sequence):
@@ -129,56 +245,82 @@ def _load_scenes(spec: str, num_samples: int | None, image_size: int | None) -> 
     data = EvalData(name=spec if ":" in spec else f"scenes:{split}", class_names=config.class_names(),
                     zero_shot_template=scenes.ZERO_SHOT_TEMPLATE)
     for row in scenes.generate_scenes(split, num_samples or DEFAULT_SCENE_SAMPLES, config=config):
-        _add_row(data, row["image"], row)
+        _add_row(data, row["image"], row, data.name)
+        data.labels.append(row.get("label"))
     return data
 
 
-def _load_files(spec: str, split: str | None):
-    import datasets
-
-    path = Path(spec)
-    shards = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else []
-    if path.is_dir():
-        shards = sorted(str(p) for p in path.rglob("*.tar"))
-        has_metadata = any(path.rglob("metadata.jsonl")) or any(path.rglob("metadata.csv"))
-        if not shards and not has_metadata:
-            raise FileNotFoundError(f"--data {spec}: the folder has neither metadata.jsonl/metadata.csv "
-                                    "(imagefolder) nor .tar shards (webdataset)")
-        # data_dir: split folders (train/, test/, ...) become splits
-        loaded = datasets.load_dataset("webdataset" if shards else "imagefolder", data_dir=str(path), streaming=True)
-    elif (path.is_file() and path.suffix == ".tar") or shards:
-        loaded = datasets.load_dataset("webdataset", data_files=shards or [str(path)], streaming=True)
-    else:
-        raise FileNotFoundError(f"--data {spec}: no such folder or .tar shard (or use scenes:SPLIT)")
-    if split is not None:
-        if split not in loaded:
-            raise ValueError(f"--data {spec} has no split {split!r}; it has: {', '.join(loaded)}")
-        return loaded[split]
-    if "test" in loaded:
-        return loaded["test"]
-    if len(loaded) == 1:
-        return next(iter(loaded.values()))
-    raise ValueError(f"--data {spec} has several splits ({', '.join(loaded)}); choose one with --split")
+def _texts(value) -> list[str]:
+    """Non-empty stripped strings of a caption field: one string or a list of them."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
 
 
-def _add_row(data: EvalData, image, row: dict) -> None:
+def _answers(value) -> list[str]:
+    """Every answer (repeats kept: VQA accuracy counts annotators), as training reads them (`answer_list`)."""
+    return [a.strip() for a in shard_io.answer_list(value) or [] if a.strip()]
+
+
+def _first(row: dict, columns: Sequence[str]):
+    return next((row[c] for c in columns if row.get(c) is not None), None)
+
+
+def _add_row(data: EvalData, image, row: dict, spec: str) -> None:
     index = len(data.images)
     data.images.append(image)
-    captions = row.get("captions") or row.get("caption") or row.get("txt") or []
-    data.captions.append([captions] if isinstance(captions, str) else list(captions))
-    if row.get("questions") is not None:
-        types = row.get("question_types") or [None] * len(row["questions"])
-        for question, answer, kind in zip(row["questions"], row["answers"], types):
-            data.questions.append(Question(index, question, [answer] if isinstance(answer, str) else list(answer), kind))
-    elif row.get("qa") is not None:
-        for qa in row["qa"]:
-            answers = qa.get("answers") or [qa["answer"]]
-            data.questions.append(Question(index, qa["question"], list(answers), qa.get("question_type")))
-    elif row.get("question") is not None:
-        answers = row.get("answers") or [row["answer"]]
-        data.questions.append(Question(index, row["question"], list(answers), row.get("question_type")))
-    label = row.get("label")
-    data.labels.append(int(label) if label is not None else None)
+    data.captions.append(_texts(_first(row, CAPTION_COLUMNS)))
+    if isinstance(row.get("questions"), (list, tuple)):
+        answers, types = row.get("answers") or [], row.get("question_types") or []
+        entries = [(q, answers[i] if i < len(answers) else None, types[i] if i < len(types) else None)
+                   for i, q in enumerate(row["questions"])]
+    elif isinstance(row.get("qa"), (list, tuple)):
+        entries = [(qa.get("question"), qa.get("answers") or qa.get("answer"), qa.get("question_type"))
+                   if isinstance(qa, dict) else (None, None, None) for qa in row["qa"]]
+    elif _first(row, QUESTION_COLUMNS) is not None:
+        entries = [(_first(row, QUESTION_COLUMNS), _first(row, ANSWER_COLUMNS), row.get("question_type"))]
+    else:
+        entries = []
+    for question, answers, kind in entries:
+        question = shard_io.text_value(question)
+        if not question or not question.strip():
+            _skip(data, spec, row, "empty_question", f"question {question!r}")
+        elif not _answers(answers):
+            _skip(data, spec, row, "empty_answer", f"answers {answers!r} of question {question!r}")
+        else:
+            data.questions.append(Question(index, question.strip(), _answers(answers), kind))
+
+
+def _label(row: dict) -> tuple[int | None, str | None]:
+    """(class index, class name) of a row: an integer label (a numeric string too: CSV) and/or its `label_name`; a
+    label that is not a number is the class name itself."""
+    label, name = _first(row, LABEL_COLUMNS), row.get("label_name")
+    name = name.strip() or None if isinstance(name, str) else None
+    if isinstance(label, str):
+        label = label.strip()
+        if not label.lstrip("-").isdigit():
+            return None, name or label or None
+    try:
+        return (int(label) if label is not None else None), name
+    except (TypeError, ValueError):
+        return None, name
+
+
+def _class_names_and_labels(values: list[tuple[int | None, str | None]], names: list[str] | None):
+    """(class names, label per image). Names come from --class-names or a ClassLabel feature, else from the rows:
+    by index when the named labels are 0..K-1, else the sorted names that occur (labels renumbered to match)."""
+    if names is None:
+        by_index = {label: name for label, name in values if label is not None and name is not None}
+        occurring = {name for _, name in values if name is not None}
+        if not occurring:
+            return None, [label for label, _ in values]
+        if sorted(by_index) == list(range(len(by_index))) and set(by_index.values()) == occurring:
+            names = [by_index[i] for i in range(len(by_index))]
+        else:  # not every class occurs, or labels are names: classify among the named classes, in name order
+            names = sorted(occurring)
+            return names, [names.index(name) if name is not None else
+                           names.index(by_index[label]) if label in by_index else None for label, name in values]
+    return names, [label if label is not None else names.index(name) if name in names else None
+                   for label, name in values]
 
 
 # -------------------------------------------------------------------------------- model calls
@@ -267,7 +409,7 @@ def evaluate(model, processor, data: EvalData, task: str, *, batch_size: int = 6
 
     if task == "caption":
         keep = [i for i, refs in enumerate(data.captions) if refs]
-        _count(skipped, "no caption", len(data.images) - len(keep))
+        _count(skipped, "empty_caption", len(data.images) - len(keep))
         _require(keep, task, data, "captions")
         generation = {"max_new_tokens": max_new_tokens or 20, "num_beams": num_beams}
         predictions = generate_captions(model, processor, [data.images[i] for i in keep], batch_size=batch_size,
@@ -309,7 +451,7 @@ def evaluate(model, processor, data: EvalData, task: str, *, batch_size: int = 6
 
     else:  # retrieval
         keep = [i for i, refs in enumerate(data.captions) if refs]
-        _count(skipped, "no caption", len(data.images) - len(keep))
+        _count(skipped, "empty_caption", len(data.images) - len(keep))
         _require(keep, task, data, "captions")
         # Identical captions are one text, relevant to every image they describe (scenes repeat captions).
         texts: dict[str, list[int]] = {}
