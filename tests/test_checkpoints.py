@@ -405,10 +405,13 @@ class DecodedImages:
         self.at_save, self.total, self.callback = {}, None, Callback()
 
 
-def test_a_streaming_run_resumed_mid_stream_ends_as_the_uninterrupted_one(assets, tmp_path):
-    """--streaming with the recipe's random augmentation, a corrupt image and an empty caption in the shards:
-    resumed from checkpoint-3 of 6, the run ends with the same weights and skip counts as the uninterrupted run,
-    and decodes only the images after the checkpoint (plus the one batch accelerate had fetched ahead)."""
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "map-style"])
+def test_a_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(assets, tmp_path, streaming):
+    """The recipe's random augmentation, a corrupt image and an empty caption in the shards: resumed from
+    checkpoint-3 of 6 (mid-epoch: 14 samples, 4 per step), the run ends with the same weights and skip counts as
+    the uninterrupted run, and decodes only the images after the checkpoint (plus the one batch accelerate had
+    fetched ahead). Map-style, this failed: the Trainer's fast-forward skipped the consumed batches without
+    loading them, and the skips in them were lost (empty_caption 1 against 2)."""
     from safetensors.torch import load_file
 
     from hf_vlm.scenes import export_webdataset, generate_scenes
@@ -424,8 +427,8 @@ def test_a_streaming_run_resumed_mid_stream_ends_as_the_uninterrupted_one(assets
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    stream = ["--train_data", f"{shards}/*.tar", "--streaming", "--shuffle_buffer", "4", "--max_steps", "6",
-              "--save_steps", "3"]
+    stream = ["--train_data", f"{shards}/*.tar", "--max_steps", "6", "--save_steps", "3",
+              *(["--streaming", "--shuffle_buffer", "4"] if streaming else [])]
     full, resumed = DecodedImages(), DecodedImages()
     pretrain(_args(assets, tmp_path / "full", *stream), callbacks=[full.callback])
     (tmp_path / "resumed").mkdir()

@@ -303,28 +303,42 @@ def test_a_stream_resumes_from_its_state_without_decoding_consumed_samples(bad_s
     assert all(resumed.preparer.skipped[k] >= v for k, v in state["skipped"].items())
 
 
-def test_stateful_dataloader_workers_resume_the_stream_exactly(bad_shards, tmp_path):
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "map"])
+def test_stateful_dataloader_workers_resume_exactly_with_the_delivered_skip_counts(bad_shards, tmp_path,
+                                                                                    streaming):
+    """2 DataLoader workers, stopped after 2 batches and resumed from the DataLoader's state: the same batches as
+    an uninterrupted run, and skip counts (summed over the workers' states) that end equal to its counts."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     from hf_vlm.data.resume import delivered_skips
 
     def loader():
-        raw = load_image_text_dataset(f"{bad_shards}/{{000..001}}.tar", streaming=True)
-        data = prepare_dataset(raw, transform(), SkipCounter(), shuffle_buffer=4, seed=3, repeat=True,
+        raw = load_image_text_dataset(f"{bad_shards}/{{000..001}}.tar", streaming=streaming,
+                                      cache_dir=tmp_path / "cache")
+        data = prepare_dataset(raw, transform(), SkipCounter(), shuffle_buffer=4, seed=3, repeat=streaming,
                                max_skip_fraction=None)
-        return StatefulDataLoader(data, batch_size=3, num_workers=2, collate_fn=lambda s: [x["text"] for x in s])
+        return StatefulDataLoader(data, batch_size=3, num_workers=2, collate_fn=lambda s: [x["text"] for x in s],
+                                  **({} if streaming else {"shuffle": True,
+                                                           "generator": torch.Generator().manual_seed(5)}))
 
-    reference = list(itertools.islice(iter(loader()), 12))
+    steps = 12 if streaming else 4  # map-style: 4 batches of the first epoch
+    uninterrupted = loader()
+    iterator = iter(uninterrupted)
+    reference = [next(iterator) for _ in range(steps)]
+    reference_skips = delivered_skips(uninterrupted.state_dict())
+    del iterator
     first = loader()
     iterator = iter(first)
-    head = [next(iterator) for _ in range(5)]
+    head = [next(iterator) for _ in range(2)]
     state = first.state_dict()
-    assert sum(delivered_skips(state).values()) > 0
     del iterator
     resumed = loader()
     resumed.load_state_dict(state)
-    tail = list(itertools.islice(iter(resumed), 7))
+    iterator = iter(resumed)
+    tail = [next(iterator) for _ in range(steps - 2)]
     assert head + tail == reference
+    assert sum(reference_skips.values()) > sum(delivered_skips(state).values()) > 0
+    assert delivered_skips(resumed.state_dict()) == reference_skips
 
 
 SPLIT_SCRIPT = """

@@ -104,13 +104,14 @@ def test_command_line_flags_override_the_recipe(tmp_path):
     assert model_args.freeze_vision is False and args.learning_rate == 1e-4
 
 
-def test_streaming_reads_per_rank_and_leaves_the_stream_position_to_the_checkpoint(tmp_path):
-    """--streaming: no rank-0 dispatch of batches, and no Trainer fast-forward (the stream resumes from its state)."""
+def test_streaming_reads_per_rank_and_the_data_position_comes_from_the_checkpoint(tmp_path):
+    """--streaming: no rank-0 dispatch of batches. Streaming or not, no Trainer fast-forward: the data resumes
+    from the state in the checkpoint (hf_vlm.data.resume)."""
     _, _, data_args, args = parse_recipe("coca-tiny", tmp_path, "--streaming", "--max_steps", "10")
     assert args.accelerator_config.dispatch_batches is False and args.ignore_data_skip is True
     assert data_args.max_skip_fraction == 0.1
     _, _, data_args, args = parse_recipe("coca-tiny", tmp_path, "--max_skip_fraction", "0.5")
-    assert args.accelerator_config.dispatch_batches is None and args.ignore_data_skip is False
+    assert args.accelerator_config.dispatch_batches is None and args.ignore_data_skip is True
     assert data_args.max_skip_fraction == 0.5
 
 

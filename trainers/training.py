@@ -166,10 +166,11 @@ def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], pro
         namespace.accelerator_config = {**(namespace.accelerator_config or {}), "use_configured_state": True}
     if namespace.streaming:
         # Every rank reads and decodes its own shards (hf_vlm.data splits the stream by node); accelerate's default
-        # for an IterableDataset would have rank 0 read the whole global batch and broadcast it. The stream's
-        # position is restored from the checkpoint (hf_vlm.data.resume), so the Trainer must not fast-forward it.
+        # for an IterableDataset would have rank 0 read the whole global batch and broadcast it.
         namespace.accelerator_config = {**(namespace.accelerator_config or {}), "dispatch_batches": False}
-        namespace.ignore_data_skip = True
+    # The data position (and the skip counts) are restored from the checkpoint (hf_vlm.data.resume), so the
+    # Trainer must not fast-forward the data itself.
+    namespace.ignore_data_skip = True
 
     outputs = []
     for dtype in parser.dataclass_types:
@@ -348,7 +349,7 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
     from transformers import Trainer, set_seed
 
     from hf_vlm.data import SkippedSamplesCallback
-    from hf_vlm.data.resume import StreamStateCallback, enable_stateful_dataloader
+    from hf_vlm.data.resume import DataStateCallback, enable_stateful_dataloader
     from hf_vlm.trainers.checkpoints import CompleteCheckpointCallback, resolve_resume
     from hf_vlm.trainers.distributed import patch_deepspeed_scalar_broadcast
 
@@ -383,11 +384,10 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
 
     # `last`: the newest complete checkpoint-N in output_dir; a path must be a complete checkpoint.
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, prog)
-    if data_args.streaming:
-        # The stream position and skip counts go into every checkpoint; a resumed stream continues from there
-        # instead of decoding every consumed sample again (the Trainer's own fast-forward is off: ignore_data_skip).
-        enable_stateful_dataloader(trainer)
-        trainer.add_callback(StreamStateCallback(data.counter, resume_from=resume))
+    # The data position and skip counts go into every checkpoint; a resumed run continues from there without
+    # loading any consumed sample again, with the skip counts of the delivered batches (ignore_data_skip is on).
+    enable_stateful_dataloader(trainer)
+    trainer.add_callback(DataStateCallback(data.counter, resume_from=resume))
 
     # Last in line: a checkpoint is marked complete after every other on_save callback has written into it.
     CompleteCheckpointCallback.attach(trainer)

@@ -11,7 +11,9 @@ the same batch size on each.
     stream; a resumed run re-reads at most one block of undecoded rows instead of decoding everything consumed.
   - map-style (`datasets.Dataset`): index i is prepared; if it is bad it is counted and the next
     usable index takes its place (that one is counted when the sampler draws it itself), so every
-    bad sample drawn in an epoch is counted exactly once. Shuffling is the Trainer's seeded sampler.
+    bad sample drawn in an epoch is counted exactly once. Shuffling is the Trainer's seeded sampler (a
+    resumed run fast-forwards it without loading samples); `state_dict()` is the skip counts so far.
+Both `state_dict()`s carry DATA_STATE_MARKER, so hf_vlm.data.resume finds them inside a DataLoader's state.
 Random augmentation is a function of (seed, epoch, position of the sample): each sample's transform runs on a
 torch RNG seeded from those, never on the global RNG. So the same sample gets the same crop in an uninterrupted
 and in a resumed run, whatever the number of DataLoader workers and whenever the Trainer restores its RNG state.
@@ -38,6 +40,8 @@ MAX_CONSECUTIVE_BAD_SAMPLES = 1000
 # prepared, the source is declared broken (a wrong column, a dead mirror) instead of trained on silently.
 MAX_SKIP_FRACTION = 0.1
 SKIP_WINDOW = 1000
+# Marks our datasets' state_dict()s inside a (Stateful)DataLoader state (one per DataLoader worker).
+DATA_STATE_MARKER = "hf_vlm_data"
 
 
 def sample_seed(*parts: int) -> int:
@@ -189,6 +193,13 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def state_dict(self) -> dict:
+        """This process's skip counts so far (the position is the sampler's, in the DataLoader's own state)."""
+        return {DATA_STATE_MARKER: "map", "skipped": dict(self.preparer.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.preparer.skipped = Counter(state.get("skipped", {}))
+
     def __getitem__(self, index: int) -> dict:
         position = (self._epoch.value, index)
         prepared = self.preparer(self.dataset[index], position)  # counts a bad sample
@@ -236,7 +247,7 @@ class PreparedStream(torch.utils.data.IterableDataset):
 
     def state_dict(self) -> dict:
         """Where this process is in the stream, and its skip counts up to there."""
-        return {"hf_vlm_stream": True, "epoch": self.epoch, **copy.deepcopy(self._position)}
+        return {DATA_STATE_MARKER: "stream", "epoch": self.epoch, **copy.deepcopy(self._position)}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume_from = copy.deepcopy(state)

@@ -1,15 +1,18 @@
-"""Streaming resume: the stream position and the skip counts travel with every checkpoint.
+"""Data resume: the data position and the skip counts travel with every checkpoint, map-style and streaming.
 
 Without this, the Trainer resumes a stream by iterating and discarding every batch already trained on: at scale,
-decoding and augmenting 10M images to throw them away costs hours. Instead:
-  - the training DataLoader is torchdata's `StatefulDataLoader` (`enable_stateful_dataloader`); its state holds each
-    DataLoader worker's `PreparedStream.state_dict()` as of the last batch handed to the Trainer (accelerate takes it
-    before its one-batch look-ahead);
-  - `StreamStateCallback.on_save` writes that state to `checkpoint-N/data_state_rank{R}.pt` on every rank, with the
+decoding and augmenting 10M images to throw them away costs hours. Its map-style fast-forward skips sampler indices
+without loading them, but then the skips counted before the checkpoint are lost (and counts taken at save time
+include the batches DataLoader workers had prefetched, not yet trained on). Instead:
+  - the training DataLoader is torchdata's `StatefulDataLoader` (`enable_stateful_dataloader`); its state holds the
+    sampler position and each DataLoader worker's dataset `state_dict()` (`PreparedStream`: stream position and
+    skips; `PreparedDataset`: skips) as of the last batch handed to the Trainer (accelerate takes it before its
+    one-batch look-ahead);
+  - `DataStateCallback.on_save` writes that state to `checkpoint-N/data_state_rank{R}.pt` on every rank, with the
     skip counts it implies (exact: counted up to the delivered batches, not the prefetched ones);
-  - on resume, `on_train_begin` loads it into the DataLoader before the first batch, restores the skip counts, and
-    the Trainer is told not to fast-forward (`ignore_data_skip`). The stream re-reads at most one shuffle block of
-    undecoded rows per worker.
+  - on resume, `on_train_begin` loads it into the DataLoader before the first batch and restores the skip counts;
+    the Trainer is told not to fast-forward (`ignore_data_skip`). A stream re-reads at most one shuffle block of
+    undecoded rows per worker; a map-style sampler is advanced by index, nothing is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections import Counter
 import torch
 from transformers import TrainerCallback
 
+from .pipeline import DATA_STATE_MARKER, PreparedDataset
 from .skips import SkipCounter
 
 logger = logging.getLogger(__name__)
@@ -34,30 +38,32 @@ def enable_stateful_dataloader(trainer) -> None:
     trainer.accelerator.dataloader_config.use_stateful_dataloader = True
 
 
-def stream_states(state) -> list[dict]:
-    """Every `PreparedStream.state_dict()` inside a (Stateful)DataLoader state: one per DataLoader worker."""
+def dataset_states(state) -> list[dict]:
+    """Every `PreparedStream` / `PreparedDataset` `state_dict()` inside a (Stateful)DataLoader state: one per
+    DataLoader worker (one in all without workers)."""
     found = []
     if isinstance(state, dict):
-        if state.get("hf_vlm_stream"):
+        if state.get(DATA_STATE_MARKER):
             return [state]
         for value in state.values():
-            found += stream_states(value)
+            found += dataset_states(value)
     elif isinstance(state, (list, tuple)):
         for value in state:
-            found += stream_states(value)
+            found += dataset_states(value)
     return found
 
 
 def delivered_skips(state) -> dict[str, int]:
     """Skip counts of this rank up to the batches the DataLoader has delivered (summed over its workers)."""
     total: Counter = Counter()
-    for stream in stream_states(state):
-        total.update(stream.get("skipped", {}))
+    for dataset_state in dataset_states(state):
+        total.update(dataset_state.get("skipped", {}))
     return dict(total)
 
 
-class StreamStateCallback(TrainerCallback):
-    """Saves the streaming position + skip counts in each checkpoint and restores them on resume (module docstring).
+class DataStateCallback(TrainerCallback):
+    """Saves the data position + skip counts in each checkpoint and restores them on resume (module docstring);
+    gives a map-style dataset the Trainer's epoch at each epoch's start.
 
     `resume_from`: the checkpoint folder the run resumes from (None for a fresh run)."""
 
@@ -65,20 +71,30 @@ class StreamStateCallback(TrainerCallback):
         self.counter = counter
         self.resume_from = resume_from
 
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # The epoch seeds each sample's augmentation. accelerate's DataLoaderShard.set_epoch forwards the epoch to
+        # the dataset only when its sampler is not wrapped for several processes: with 2+ ranks every epoch would
+        # repeat epoch 0's crops and flips. The Trainer's epoch here is the one it is about to iterate (resumed
+        # runs included: int(state.epoch) is the epochs completed).
+        dataset = getattr(train_dataloader, "dataset", None)
+        if isinstance(dataset, PreparedDataset):
+            dataset.set_epoch(int(state.epoch or 0))
+
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         if not self.resume_from:
             return
         path = os.path.join(self.resume_from, STATE_FILE.format(rank=args.process_index))
         if not os.path.isfile(path):
-            logger.warning("%s has no %s: the stream restarts from its beginning (samples already trained on are "
-                           "seen again)", self.resume_from, os.path.basename(path))
+            logger.warning("%s has no %s: the data restarts from the beginning of the epoch (samples already "
+                           "trained on are seen again)", self.resume_from, os.path.basename(path))
             return
         saved = torch.load(path, weights_only=False)
         if train_dataloader is None or not hasattr(train_dataloader, "load_state_dict"):
-            raise RuntimeError("resuming a stream needs the StatefulDataLoader (enable_stateful_dataloader(trainer))")
+            raise RuntimeError("resuming the data position needs the StatefulDataLoader "
+                               "(enable_stateful_dataloader(trainer))")
         train_dataloader.load_state_dict(saved["dataloader"])
         self.counter.load(saved["skipped"])
-        logger.info("resumed the stream from %s (skips so far: %s)", path, saved["skipped"])
+        logger.info("resumed the data position from %s (skips so far: %s)", path, saved["skipped"])
 
     def on_save(self, args, state, control, train_dataloader=None, **kwargs):
         if train_dataloader is None or not hasattr(train_dataloader, "state_dict"):
