@@ -55,7 +55,8 @@ class CocaOutput(ModelOutput):
     r"""
     loss: `contrastive_loss_weight * contrastive_loss + caption_loss_weight * caption_loss` (when asked for).
     contrastive_loss: symmetric InfoNCE over the batch gathered from all ranks.
-    caption_loss: next-token cross-entropy, padding ignored.
+    caption_loss: next-token cross-entropy, padding ignored; with several ranks, normalised by the global batch's
+        token count (its mean over ranks is the loss of the whole batch).
     logits_per_image: `[n_images, n_texts]` scaled cosine similarities (local batch).
     logits_per_text: its transpose.
     image_embeds / text_embeds: L2-normalized projected embeddings.
@@ -555,9 +556,7 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
                 raise ValueError(
                     f"labels have shape {tuple(labels.shape)}, expected the input_ids layout {tuple(input_ids.shape)}"
                 )
-            caption_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            caption_loss = _caption_loss(logits, labels)
             loss = (self.config.contrastive_loss_weight * contrastive_loss
                     + self.config.caption_loss_weight * caption_loss)
 
@@ -615,7 +614,7 @@ def _gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     a world of W ranks x B samples gives the loss and (DDP-averaged) gradients of one rank with W x B."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if _world_size() == 1:
         return features
     try:  # torch >= 2.15: the differentiable functional collective (torch.distributed.nn's is deprecated)
         from torch.distributed._functional_collectives import all_gather_single
@@ -624,6 +623,32 @@ def _gather_with_grad(features: torch.Tensor) -> torch.Tensor:
 
         return torch.cat(all_gather(features), dim=0)
     return all_gather_single(features.contiguous(), 0, dist.group.WORLD)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per caption token of the global batch (padding, -100, ignored).
+
+    Across W data-parallel ranks, each rank divides its token-loss sum by the mean token count per rank (one
+    all-reduce of a scalar): gradients averaged over ranks, and the logged mean over ranks, are then those of one
+    process holding the whole global batch, however long the captions on each rank are (a per-rank mean would
+    weigh a token of a rank with short captions more). One process: the usual mean over tokens."""
+    targets = labels[:, 1:].reshape(-1)
+    loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100,
+                               reduction="sum")
+    tokens = (targets != -100).sum()
+    world = _world_size()
+    if world == 1:
+        return loss_sum / tokens
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_reduce
+
+    return loss_sum * world / all_reduce(tokens, "sum", dist.group.WORLD)
 
 
 def _contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor):
