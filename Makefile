@@ -36,8 +36,9 @@ DEMO_ARGS ?=
 demo: setup
 	$(VENV)/bin/hf-vlm demo $(DEMO_ARGS)
 
-## bench: hf-vlm vs open_clip / transformers on the same weights (about 15 min on 2 CPU cores); results,
-## table and plot in benchmarks/results/cpu (BENCH_ARGS="--full --device cuda --dtype bfloat16" on a GPU)
+## bench: hf-vlm vs open_clip / transformers on the same weights, and the training data loader vs a plain
+## datasets loop (about 16 min on 2 CPU cores); results, table, plot and loader workers per GPU in
+## benchmarks/results/cpu (BENCH_ARGS="--full --device cuda --dtype bfloat16" on a GPU)
 BENCH_ARGS ?=
 bench: setup
 	$(PYTHON) -m benchmarks.run_all $(BENCH_ARGS)

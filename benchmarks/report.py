@@ -1,4 +1,5 @@
-"""Turn a folder of benchmark records (JSON) into its README.md (the Markdown table) and plot.png.
+"""Turn a folder of benchmark records (JSON) into its README.md (the Markdown table, and the loader workers per GPU
+when the folder has the loader and FLOPs records) and plot.png.
 
     python -m benchmarks.report benchmarks/results/cpu
 """
@@ -27,6 +28,12 @@ def write_readme(folder: Path, records: list[dict], header: str = "") -> Path:
     lines += ["ratio = hf-vlm / upstream: above 1 is faster for throughputs (/s); below 1 is better for seconds and "
               "memory. Medians of interleaved repeats; see the JSON files for every repeat.", "",
               harness.markdown_table(records)]
+    if any(r["benchmark"] == "loader" for r in records):
+        from benchmarks import bench_loader
+
+        workers = bench_loader.workers_section(records)
+        if workers:
+            lines += ["", workers]
     if (folder / PLOT_NAME).is_file():
         lines += ["", f"![tokens/s vs caption length]({PLOT_NAME})", ""]
     path = folder / "README.md"

@@ -1,10 +1,10 @@
 """`make bench`: every benchmark, then the results folder's table and plot.
 
-The default plan is the CPU one that fits this 2-core machine in about 15 minutes: real widths with
+The default plan is the CPU one that fits this 2-core machine in about 16 minutes: real widths with
 2 layers per stack for the model comparisons (ratios between implementations, not absolute speed),
-the full-size checkpoint for conversion, full-size FLOPs. `--full` runs the issue's whole grid at full
-depth (coca_ViT-B-32: greedy and beams 3, batch 1 and 8, 20 and 60 tokens): for a GPU, with
-`--device cuda --dtype bfloat16`.
+the full-size checkpoint for conversion, full-size FLOPs, the training data loader alone (no model, on
+the CPU in every plan). `--full` runs the issue's whole grid at full depth (coca_ViT-B-32: greedy and
+beams 3, batch 1 and 8, 20 and 60 tokens): for a GPU, with `--device cuda --dtype bfloat16`.
 
     python -m benchmarks.run_all [--out benchmarks/results/cpu] [--full] [--device cuda --dtype bfloat16]
 """
@@ -22,11 +22,17 @@ from benchmarks import harness
 
 def plan(args) -> list[list[str]]:
     common = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--out", str(args.out)]
+    # The data loader alone (no model, CPU only): every config at 256 px JPEGs, and the seeds' streaming CoCa
+    # configuration at 512 px, for the workers-per-GPU section of the results README.
+    loader = [["benchmarks.bench_loader", "--out", str(args.out)],
+              ["benchmarks.bench_loader", "--recipes", "coca", "--modes", "streaming", "--workers", "2",
+               "--source-short-side", "512", "--out", str(args.out)]]
     if args.full:
         return [["benchmarks.bench_coca", *common],
                 ["benchmarks.bench_blip2", "--layers", "4", *common],
                 ["benchmarks.bench_conversion", "--out", str(args.out)],
-                ["benchmarks.flops", "--out", str(args.out)]]
+                ["benchmarks.flops", "--out", str(args.out)],
+                *loader]
     cheap = ["--layers", "2", "--repeats", "2", "--budget-s", "5"]
     return [
         ["benchmarks.flops", "--out", str(args.out)],
@@ -34,6 +40,7 @@ def plan(args) -> list[list[str]]:
         ["benchmarks.bench_coca", *cheap, *common],
         ["benchmarks.bench_blip2", *cheap, *common],
         ["benchmarks.bench_conversion", "--repeats", "1", "--out", str(args.out)],
+        *loader,
     ]
 
 

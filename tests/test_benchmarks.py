@@ -14,7 +14,7 @@ from hf_vlm.testing import require
 require("open_clip", "pip install open_clip_torch  (a dev dependency: pip install -e '.[dev]')")
 require("matplotlib", "pip install matplotlib  (a dev dependency: pip install -e '.[dev]')")
 
-from benchmarks import bench_blip2, bench_coca, harness, report  # noqa: E402
+from benchmarks import bench_blip2, bench_coca, bench_loader, harness, report  # noqa: E402
 
 
 def test_interleaved_alternates_ours_and_upstream_and_stops_at_the_repeat_count():
@@ -121,3 +121,59 @@ def test_blip2_weight_mapping_fills_every_tensor_and_refuses_a_k_bias():
     state["vision_model.encoder.layers.0.self_attn.qkv.bias"][70] = 1.0  # inside the k part (width 64)
     with pytest.raises(ValueError, match="layers.0.self_attn.qkv.bias.*k part"):
         bench_blip2.transformers_blip2_to_ours(state)
+
+
+def test_loader_benchmark_measures_every_config_on_both_sides_with_the_same_pixels(tmp_path):
+    assert bench_loader.main(["--quick", "--out", str(tmp_path)]) == 0
+    records = {r["case"]: r for r in harness.load_records(tmp_path)}
+    assert set(records) == {f"{recipe}_{mode}_w{workers}" for recipe in bench_loader.RECIPES
+                            for mode in bench_loader.MODES for workers in (0, 1, 2)}
+    for case, record in records.items():
+        assert record["benchmark"] == "loader"
+        for metric in ("samples/s", "samples/s per core"):
+            values = record["metrics"][metric]
+            assert values["ours"] > 0 and values["upstream"] > 0, (case, metric)
+            assert values["ratio"] == pytest.approx(values["ours"] / values["upstream"])
+        assert record["params"]["timed_samples"] == 2 * 4  # --quick: 2 timed batches of 4, after a warm-up batch
+        # both transforms gave the same tensor for the same image and seed: the two sides do the same work
+        assert record["checks"]["same_pixels"] is True
+        # the recipe's collator made the batches
+        text = ["labels"] if record["params"]["recipe"] == "blip2-stage2" else ["return_loss"]
+        assert record["params"]["batch_keys"] == sorted(["pixel_values", "input_ids", "attention_mask", *text])
+        assert record["params"]["loader"] == {"ours": "StatefulDataLoader", "upstream": "DataLoader"}
+
+
+def _loader_record(workers: int, per_core: float, mode: str = "streaming", side: int = 256) -> harness.Record:
+    rates = {"ours": per_core, "upstream": per_core, "ratio": 1.0}
+    return harness.Record(benchmark="loader", case=f"coca_{mode}_w{workers}_src{side}",
+                          params={"recipe": "coca", "mode": mode, "workers": workers, "source_short_side": side,
+                                  "seed_run": bench_loader.SEED_RUN},
+                          metrics={"samples/s": rates, "samples/s per core": rates}, seconds={})
+
+
+def test_workers_per_gpu_divides_the_rate_the_flops_imply_by_the_rate_per_core(tmp_path):
+    from hf_vlm.trainers.recipes import get_recipe
+
+    harness.save(harness.Record(benchmark="flops", case="coca-large-v2", params={}, seconds={},
+                                metrics={"GFLOP/sample train step": {"ours": 990.0},
+                                         "samples/s at 100% MFU, A100": {"ours": 315.0}}), tmp_path)
+    assert bench_loader.workers_per_gpu(harness.load_records(tmp_path)) == []  # no loader records: no answer
+    harness.save(_loader_record(workers=1, per_core=500.0), tmp_path)  # fewer workers than w2: not the one used
+    harness.save(_loader_record(workers=2, per_core=50.0), tmp_path)
+    harness.save(_loader_record(workers=2, per_core=1000.0, mode="map"), tmp_path)  # map-style: not what trains
+    harness.save(_loader_record(workers=2, per_core=20.0, side=512), tmp_path)
+    rows = bench_loader.workers_per_gpu(harness.load_records(tmp_path))
+
+    recipe = get_recipe("coca-large-v2")
+    assert [(row["source_short_side"], row["per_core"]) for row in rows] == [(256, 50.0), (512, 20.0)]
+    assert rows[0]["samples_per_s_needed"] == pytest.approx(315.0 * 0.4)  # 126 samples/s at 40% MFU
+    assert [row["workers"] for row in rows] == [3, 7]  # ceil(126 / 50) = ceil(2.52); ceil(126 / 20) = ceil(6.3)
+    assert rows[0]["gpus"] == recipe.nodes * recipe.gpus_per_node
+    # the floor: 4e9 pairs once in 4 weeks on the recipe's GPUs
+    assert rows[0]["floor_samples_per_s"] == pytest.approx(4e9 / (rows[0]["gpus"] * 28 * 86400))
+    assert rows[0]["recipe_workers"] == recipe.training["dataloader_num_workers"]
+
+    assert report.main([str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Loader workers per GPU: coca-large-v2 on A100" in readme
+    assert "ceil(126.0 / 50.0) = ceil(2.520) = **3**" in readme and "ceil(126.0 / 20.0) = ceil(6.300) = **7**" in readme
