@@ -405,6 +405,45 @@ class DecodedImages:
         self.at_save, self.total, self.callback = {}, None, Callback()
 
 
+def _shards_with_bad_samples(folder: Path) -> Path:
+    """12 scenes in 2 webdataset shards and a third one holding a corrupt image and an empty caption."""
+    import io
+    import tarfile
+
+    from hf_vlm.scenes import export_webdataset, generate_scenes
+
+    export_webdataset(list(generate_scenes("train", 12, seed=0)), folder, samples_per_shard=6)
+    with tarfile.open(folder / "bad.tar", mode="w") as tar:
+        for name, data in {"b0.png": b"not a png", "b0.txt": b"a caption", "b1.png": b"", "b1.txt": b" "}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def _run_and_resume(tmp_path: Path, argv, checkpoint: int):
+    """`argv(output_dir)` run to the end, then again from a copy of its checkpoint-`checkpoint` only. Returns the
+    two output folders and the decoded-images probes."""
+    full, resumed = DecodedImages(), DecodedImages()
+    pretrain(argv(tmp_path / "full"), callbacks=[full.callback])
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / f"checkpoint-{checkpoint}", tmp_path / "resumed" / f"checkpoint-{checkpoint}")
+    pretrain([*argv(tmp_path / "resumed"), "--resume_from_checkpoint", "last"], callbacks=[resumed.callback])
+    return (tmp_path / "full", tmp_path / "resumed"), (full, resumed)
+
+
+def _assert_same_end(full: Path, resumed: Path):
+    """Same final weights (bit for bit) and skip counts, both of which saw a corrupt image and an empty caption."""
+    from safetensors.torch import load_file
+
+    reference, result = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    differing = [name for name in reference if not torch.equal(reference[name], result[name])]
+    assert not differing, f"{len(differing)} of {len(reference)} tensors differ, e.g. {differing[:3]}"
+    summaries = [json.loads((run / "training_summary.json").read_text()) for run in (full, resumed)]
+    assert summaries[0]["skipped_samples"] == summaries[1]["skipped_samples"]
+    assert summaries[0]["skipped_samples"]["corrupt_image"] > 0 and summaries[0]["skipped_samples"]["empty_caption"] > 0
+
+
 @pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "map-style"])
 def test_a_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(assets, tmp_path, streaming):
     """The recipe's random augmentation, a corrupt image and an empty caption in the shards: resumed from
@@ -412,35 +451,38 @@ def test_a_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(assets, tmp_path,
     the uninterrupted run, and decodes only the images after the checkpoint (plus the one batch accelerate had
     fetched ahead). Map-style, this failed: the Trainer's fast-forward skipped the consumed batches without
     loading them, and the skips in them were lost (empty_caption 1 against 2)."""
-    from safetensors.torch import load_file
-
-    from hf_vlm.scenes import export_webdataset, generate_scenes
-
-    shards = tmp_path / "shards"
-    export_webdataset(list(generate_scenes("train", 12, seed=0)), shards, samples_per_shard=6)
-    with open(shards / "bad.tar", "wb") as handle:
-        import io
-        import tarfile
-
-        with tarfile.open(fileobj=handle, mode="w") as tar:
-            for name, data in {"b0.png": b"not a png", "b0.txt": b"a caption", "b1.png": b"", "b1.txt": b" "}.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    stream = ["--train_data", f"{shards}/*.tar", "--max_steps", "6", "--save_steps", "3",
-              *(["--streaming", "--shuffle_buffer", "4"] if streaming else [])]
-    full, resumed = DecodedImages(), DecodedImages()
-    pretrain(_args(assets, tmp_path / "full", *stream), callbacks=[full.callback])
-    (tmp_path / "resumed").mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
-    pretrain(_args(assets, tmp_path / "resumed", *stream, "--resume_from_checkpoint", "last"),
-             callbacks=[resumed.callback])
-
-    reference, result = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "resumed"))
-    differing = [name for name in reference if not torch.equal(reference[name], result[name])]
-    assert not differing, f"{len(differing)} of {len(reference)} tensors differ, e.g. {differing[:3]}"
-    summaries = [json.loads((tmp_path / run / "training_summary.json").read_text()) for run in ("full", "resumed")]
-    assert summaries[0]["skipped_samples"] == summaries[1]["skipped_samples"]
-    assert summaries[0]["skipped_samples"]["corrupt_image"] > 0 and summaries[0]["skipped_samples"]["empty_caption"] > 0
+    shards = _shards_with_bad_samples(tmp_path / "shards")
+    data = ["--train_data", f"{shards}/*.tar", "--max_steps", "6", "--save_steps", "3",
+            *(["--streaming", "--shuffle_buffer", "4"] if streaming else [])]
+    runs, (full, resumed) = _run_and_resume(tmp_path, lambda out: _args(assets, out, *data), checkpoint=3)
+    _assert_same_end(*runs)
     after_checkpoint = full.total - full.at_save[3]
     assert after_checkpoint < resumed.total <= after_checkpoint + 4 + 2  # one look-ahead batch of 4, + bad images
+
+
+@pytest.mark.parametrize("checkpoint,workers", [(5, 0), (4, 0), (4, 2)],
+                         ids=["mid-epoch", "epoch-end", "epoch-end-persistent-workers"])
+def test_blip2_stage1_resumed_ends_as_the_uninterrupted_one(tmp_path, checkpoint, workers):
+    """BLIP-2 stage 1 draws its ITM hard negatives and dropout from the global RNG, on top of the random
+    augmentation: resumed mid-epoch (checkpoint-5 of 4-step epochs: the issue's case, 73 of 103 tensors
+    differed) or at the end of an epoch (checkpoint-4; with 2 persistent DataLoader workers too), 9 steps end with
+    the uninterrupted run's weights. At an epoch end this failed with the StatefulDataLoader: the first epoch after
+    resuming reused the iterator made when accelerate wrapped the DataLoader (no draw of the workers' base seed
+    from the global RNG; persistent workers had prefetched epoch 0's batches)."""
+    from hf_vlm.presets import get_config
+    from hf_vlm.testing import TINY_CORPUS
+    from hf_vlm.tokenization import train_bert_tokenizer
+
+    shards = _shards_with_bad_samples(tmp_path / "shards")
+    train_bert_tokenizer(TINY_CORPUS, get_config("blip2-tiny").qformer_config.vocab_size, tmp_path / "tokenizer")
+    loader = ["--dataloader_num_workers", str(workers), "--dataloader_persistent_workers", "true"] if workers else []
+
+    def argv(out: Path) -> list[str]:
+        return ["--recipe", "blip2-tiny-stage1", "--processor", str(tmp_path / "tokenizer"), "--train_data",
+                f"{shards}/*.tar", "--output_dir", str(out), "--max_steps", "9", "--save_steps", "1",
+                "--save_total_limit", "10", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+                "--seed", "0", "--bf16", "false", "--deepspeed", "", "--use_cpu", "true",
+                "--dataset_cache_dir", str(tmp_path / "cache"), *loader]
+
+    runs, _ = _run_and_resume(tmp_path, argv, checkpoint=checkpoint)
+    _assert_same_end(*runs)

@@ -251,8 +251,10 @@ def test_a_mostly_bad_source_stops_the_run_naming_its_worst_shard(tmp_path):
 # ------------------------------------------------------------------------------------------ augmentation
 
 
-def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
-    """Same (seed, epoch, index): the same crop/flip/jitter, whatever the global RNG and the number of workers."""
+def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path, monkeypatch):
+    """Same (seed, epoch, index): the same crop/flip/jitter, whatever the global RNG and the number of workers;
+    and preparing a sample touches no generator of the run: the CPU one is restored, no GPU one is reseeded
+    (torch.manual_seed reseeded every CUDA generator: the model's dropout on GPU followed the last sample)."""
     folder = tmp_path / "aug"
     folder.mkdir()
     write_shard(folder / "000.tar", good_samples("a", 8))
@@ -272,6 +274,11 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
                                              collate_fn=lambda s: torch.stack([x["pixel_values"] for x in s]))
         batches[workers] = torch.cat(list(loader))
     assert torch.equal(batches[0], batches[2]) and torch.equal(batches[0][3], first)
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    cpu_state = torch.random.get_rng_state()
+    dataset[5]
+    assert not cuda_seeds and torch.equal(torch.random.get_rng_state(), cpu_state)
 
 
 # ------------------------------------------------------------------------------------------ streaming

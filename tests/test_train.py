@@ -105,13 +105,13 @@ def test_command_line_flags_override_the_recipe(tmp_path):
 
 
 def test_streaming_reads_per_rank_and_the_data_position_comes_from_the_checkpoint(tmp_path):
-    """--streaming: no rank-0 dispatch of batches. Streaming or not, no Trainer fast-forward: the data resumes
-    from the state in the checkpoint (hf_vlm.data.resume)."""
+    """--streaming: no rank-0 dispatch of batches (the data position itself comes from the checkpoint's data state:
+    hf_vlm.data.resume, tested in test_checkpoints)."""
     _, _, data_args, args = parse_recipe("coca-tiny", tmp_path, "--streaming", "--max_steps", "10")
-    assert args.accelerator_config.dispatch_batches is False and args.ignore_data_skip is True
+    assert args.accelerator_config.dispatch_batches is False and args.ignore_data_skip is False
     assert data_args.max_skip_fraction == 0.1
     _, _, data_args, args = parse_recipe("coca-tiny", tmp_path, "--max_skip_fraction", "0.5")
-    assert args.accelerator_config.dispatch_batches is None and args.ignore_data_skip is True
+    assert args.accelerator_config.dispatch_batches is None and args.ignore_data_skip is False
     assert data_args.max_skip_fraction == 0.5
 
 

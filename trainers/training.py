@@ -168,9 +168,6 @@ def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], pro
         # Every rank reads and decodes its own shards (hf_vlm.data splits the stream by node); accelerate's default
         # for an IterableDataset would have rank 0 read the whole global batch and broadcast it.
         namespace.accelerator_config = {**(namespace.accelerator_config or {}), "dispatch_batches": False}
-    # The data position (and the skip counts) are restored from the checkpoint (hf_vlm.data.resume), so the
-    # Trainer must not fast-forward the data itself.
-    namespace.ignore_data_skip = True
 
     outputs = []
     for dtype in parser.dataclass_types:
@@ -385,7 +382,7 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
     # `last`: the newest complete checkpoint-N in output_dir; a path must be a complete checkpoint.
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, prog)
     # The data position and skip counts go into every checkpoint; a resumed run continues from there without
-    # loading any consumed sample again, with the skip counts of the delivered batches (ignore_data_skip is on).
+    # loading any consumed sample again, with the skip counts of the delivered batches.
     enable_stateful_dataloader(trainer)
     trainer.add_callback(DataStateCallback(data.counter, resume_from=resume))
 

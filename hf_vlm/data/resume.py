@@ -10,15 +10,21 @@ include the batches DataLoader workers had prefetched, not yet trained on). Inst
     one-batch look-ahead);
   - `DataStateCallback.on_save` writes that state to `checkpoint-N/data_state_rank{R}.pt` on every rank, with the
     skip counts it implies (exact: counted up to the delivered batches, not the prefetched ones);
-  - on resume, `on_train_begin` loads it into the DataLoader before the first batch and restores the skip counts;
-    the Trainer is told not to fast-forward (`ignore_data_skip`). A stream re-reads at most one shuffle block of
-    undecoded rows per worker; a map-style sampler is advanced by index, nothing is loaded.
+  - on resume, `on_train_begin` loads it into the DataLoader before the first batch and restores the skip counts.
+    A stream re-reads at most one shuffle block of undecoded rows per worker; a map-style sampler is advanced by
+    index, nothing is loaded.
+The Trainer keeps its own resume bookkeeping (step and epoch counters, gradient-accumulation boundaries, and the RNG
+state restored right after the first resumed batch is fetched, as an uninterrupted run has it): only its data
+fast-forward is skipped for a DataLoader that was positioned from its state (`_skip_shim`), which would otherwise
+skip the consumed batches a second time. With `--ignore_data_skip` the data state is not loaded: the epoch's data
+starts again from its beginning, as the Trainer documents.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections import Counter
 
 import torch
@@ -32,10 +38,34 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "data_state_rank{rank}.pt"
 
 
+# DataLoaders positioned from a checkpoint's data state: the Trainer's fast-forward must leave them as they are.
+_POSITIONED: weakref.WeakSet = weakref.WeakSet()
+
+
 def enable_stateful_dataloader(trainer) -> None:
     """Make `trainer` build its DataLoaders as torchdata StatefulDataLoaders (accelerate's
     `use_stateful_dataloader`; transformers' TrainingArguments has no flag for it)."""
     trainer.accelerator.dataloader_config.use_stateful_dataloader = True
+    _install_skip_shim()
+
+
+def _install_skip_shim() -> None:
+    """transformers' Trainer fast-forwards a resumed epoch with accelerate's `skip_first_batches` (imported into
+    transformers.trainer). A DataLoader already positioned by `load_state_dict` must not be skipped again; every
+    other DataLoader goes through accelerate's function unchanged. Installed once per process."""
+    import transformers.trainer as trainer_module
+
+    skip = trainer_module.skip_first_batches
+    if getattr(skip, "hf_vlm_shim", False):
+        return
+
+    def skip_first_batches(dataloader, num_batches=0):
+        if dataloader in _POSITIONED:
+            return dataloader
+        return skip(dataloader, num_batches)
+
+    skip_first_batches.hf_vlm_shim = True
+    trainer_module.skip_first_batches = skip_first_batches
 
 
 def dataset_states(state) -> list[dict]:
@@ -61,6 +91,19 @@ def delivered_skips(state) -> dict[str, int]:
     return dict(total)
 
 
+def _epoch_finished(dataloader, state: dict) -> bool:
+    """Whether a StatefulDataLoader state (without or with workers) was taken after the last batch of an epoch.
+    A stream has no end."""
+    if state.get("_iterator_finished"):
+        return True
+    try:
+        batches = len(dataloader)
+    except TypeError:
+        return False
+    yielded = state.get("_num_yielded", state.get("_snapshot", {}).get("_snapshot_step", 0))
+    return yielded >= batches
+
+
 class DataStateCallback(TrainerCallback):
     """Saves the data position + skip counts in each checkpoint and restores them on resume (module docstring);
     gives a map-style dataset the Trainer's epoch at each epoch's start.
@@ -83,6 +126,9 @@ class DataStateCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         if not self.resume_from:
             return
+        if args.ignore_data_skip:
+            logger.info("--ignore_data_skip: the data of the resumed epoch starts from its beginning (the data "
+                        "state in %s is not loaded; skip counts restart from the checkpoint's)", self.resume_from)
         path = os.path.join(self.resume_from, STATE_FILE.format(rank=args.process_index))
         if not os.path.isfile(path):
             logger.warning("%s has no %s: the data restarts from the beginning of the epoch (samples already "
@@ -92,8 +138,21 @@ class DataStateCallback(TrainerCallback):
         if train_dataloader is None or not hasattr(train_dataloader, "load_state_dict"):
             raise RuntimeError("resuming the data position needs the StatefulDataLoader "
                                "(enable_stateful_dataloader(trainer))")
-        train_dataloader.load_state_dict(saved["dataloader"])
         self.counter.load(saved["skipped"])
+        if args.ignore_data_skip:
+            return
+        if _epoch_finished(train_dataloader, saved["dataloader"]):
+            # A checkpoint at the end of an epoch: the next epoch starts as in the uninterrupted run, by the
+            # Trainer's iter() after it has restored the RNG state: a new iterator (which draws the workers' base
+            # seed from the global RNG), or persistent workers reset to the new epoch. Without this, the first
+            # iter() would hand out the iterator torchdata made when accelerate took the DataLoader's initial
+            # state_dict(): no draw (BLIP-2's ITM sampling and dropout drift), and persistent workers would already
+            # have prefetched batches of epoch 0's order and augmentation.
+            loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+            loader._initial_iter_for_state_dict = False  # torchdata's flag for that pre-made iterator
+            return
+        train_dataloader.load_state_dict(saved["dataloader"])
+        _POSITIONED.add(train_dataloader)
         logger.info("resumed the data position from %s (skips so far: %s)", path, saved["skipped"])
 
     def on_save(self, args, state, control, train_dataloader=None, **kwargs):
