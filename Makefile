@@ -4,16 +4,30 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -n 2   # both cores (pytest-xdist); one thread per worker (tests/conftest.py)
 
-.PHONY: setup system-deps lint test demo bench
+.PHONY: setup system-deps lint test demo bench transformers-tests
 
-## setup: create .venv (if missing) and install hf-vlm with its dev extras, plus system packages
-setup: $(STAMP)
+## setup: create .venv (if missing) and install hf-vlm with its dev extras, plus transformers' own test suite
+setup: $(STAMP) transformers-tests
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip uv
 	$(VENV)/bin/uv pip install --python $(PYTHON) -e ".[dev]"
 	touch $@
+
+## transformers-tests: the installed transformers version's own tests/ (ModelTesterMixin, run against our models by
+## tests/test_transformers_common.py), from that version's sdist on PyPI, into .transformers-tests/<version>/tests.
+## The sdist ships tests/*.py but not tests/generation/ nor tests/exporters/ (see tests/transformers_testsuite.py).
+TF_TESTS := .transformers-tests
+transformers-tests: $(STAMP)
+	@v=$$($(PYTHON) -c 'import transformers; print(transformers.__version__)'); \
+	test -f $(TF_TESTS)/$$v/tests/test_modeling_common.py || { \
+	  rm -rf $(TF_TESTS)/$$v.tmp && mkdir -p $(TF_TESTS)/$$v.tmp && \
+	  $(PYTHON) -m pip download -q --no-deps --no-binary :all: "transformers==$$v" -d $(TF_TESTS)/$$v.tmp && \
+	  tar -xzf $(TF_TESTS)/$$v.tmp/transformers-$$v.tar.gz -C $(TF_TESTS)/$$v.tmp --strip-components=1 \
+	    transformers-$$v/tests && rm $(TF_TESTS)/$$v.tmp/transformers-$$v.tar.gz && \
+	  rm -rf $(TF_TESTS)/$$v && mv $(TF_TESTS)/$$v.tmp $(TF_TESTS)/$$v && \
+	  echo "transformers $$v tests: $(TF_TESTS)/$$v/tests"; }
 
 ## system-deps: Debian's chromium for the Space's browser tests (Playwright drives /usr/bin/chromium;
 ## `playwright install` would download a browser)

@@ -13,6 +13,19 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """Register the markers transformers' own common tests use (tests/test_transformers_common.py imports them from
+    its sdist; `--strict-markers` rejects unregistered ones)."""
+    import re
+
+    from transformers_testsuite import tests_folder
+
+    common = tests_folder() / "test_modeling_common.py"
+    if common.is_file():
+        for name in sorted(set(re.findall(r"\bmark\.([A-Za-z_][A-Za-z0-9_]*)", common.read_text()))):
+            config.addinivalue_line("markers", f"{name}: used by transformers' common model tests")
+
+
 @pytest.fixture(autouse=True)
 def _offline_and_seeded(monkeypatch):
     """No test reaches the network; every test starts from the same RNG state."""
