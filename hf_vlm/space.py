@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from hf_vlm.data import images as image_decoding  # the one decoder: training, eval and the Space
 from hf_vlm.data.collators import VQA_PROMPT  # the prompt BLIP-2's VQA fine-tune is trained with
 from hf_vlm.data.skips import SkippedSample
+from hf_vlm.evaluation.ranking import fill_template  # plain-text substitution, never str.format
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ MAX_UPLOAD_SIZE = "25mb"
 MAX_QUESTION_CHARS = 200
 MAX_LABELS = 20
 MAX_LABEL_CHARS = 64
+MAX_LABELS_TEXT_CHARS = MAX_LABELS * (MAX_LABEL_CHARS + 2)  # the whole comma-separated field, refused before splitting
+MAX_TEMPLATE_CHARS = 128
 MAX_RETRIEVAL_IMAGES = 16
 
 # Generation controls: (minimum, maximum, default) — the sliders and the server-side checks share them.
@@ -257,6 +260,8 @@ def check_question(question: str | None, what: str = "question") -> str:
 
 def parse_labels(text: str | None) -> list[str]:
     """Comma-separated class names -> a list without blanks or duplicates (order kept)."""
+    if text is not None and len(text) > MAX_LABELS_TEXT_CHARS:
+        raise gr.Error(f"The labels field is {len(text)} characters long; the limit is {MAX_LABELS_TEXT_CHARS}.")
     labels = list(dict.fromkeys(" ".join(part.split()) for part in (text or "").split(",")))
     labels = [label for label in labels if label]
     if not labels:
@@ -270,9 +275,14 @@ def parse_labels(text: str | None) -> list[str]:
 
 
 def check_template(template: str | None) -> str:
+    """A prompt template of at most MAX_TEMPLATE_CHARS with `{}` exactly once. It is filled by `fill_template`
+    (plain text substitution), never by str.format: a visitor's `{:>99999999}` stays those characters."""
+    if template is not None and len(template) > MAX_TEMPLATE_CHARS:
+        raise gr.Error(f"The prompt template is {len(template)} characters long; the limit is {MAX_TEMPLATE_CHARS}.")
     template = (template or "").strip()
     if template.count("{}") != 1:
-        raise gr.Error(f"The prompt template must contain `{{}}` exactly once (where the label goes), got {template!r}.")
+        raise gr.Error(f"The prompt template must contain `{{}}` exactly once (where the label goes), "
+                       f"got {template!r}.")
     return template
 
 
@@ -393,7 +403,7 @@ class SpaceApp:
         labels = parse_labels(labels_text)
         template = check_template(template)
         loaded = _require(self.models.coca, "CoCa", COCA_ENV)
-        logits_per_image = _logits_per_image(loaded, [image], [template.format(label) for label in labels])
+        logits_per_image = _logits_per_image(loaded, [image], [fill_template(template, label) for label in labels])
         probs = logits_per_image[0].softmax(-1).tolist()
         chart = pd.DataFrame({"label": labels, "probability": probs})
         return dict(zip(labels, probs)), chart, notice
@@ -534,9 +544,10 @@ def build_demo(models: SpaceModels, examples_dir: str | Path | None = None) -> g
                 with gr.Column():
                     image = _image_input("zero-shot-image")
                     labels = gr.Textbox(label="Labels (comma-separated)", elem_id="zero-shot-labels",
+                                        max_length=MAX_LABELS_TEXT_CHARS,
                                         placeholder="red circle, blue square, green triangle")
                     template = gr.Textbox(value=models.zero_shot_template(), label="Prompt template ({} = label)",
-                                          elem_id="zero-shot-template")
+                                          max_length=MAX_TEMPLATE_CHARS, elem_id="zero-shot-template")
                     button = gr.Button("Classify", variant="primary", elem_id="zero-shot-button")
                 with gr.Column():
                     label = gr.Label(label="CoCa's choice", elem_id="zero-shot-label")

@@ -341,3 +341,52 @@ def test_hf_vlm_eval_runs_coca_caption_zero_shot_and_retrieval(coca_checkpoint, 
         best_text = [captions[i] for i in logits.argmax(-1).tolist()]
         assert retrieval["image_to_text_R@1"] == pytest.approx(
             np.mean([text in refs for text, refs in zip(best_text, data.captions)]))
+
+
+def test_hostile_vqa_rows_are_counted_or_cut_never_fatal(blip2_checkpoint, tmp_path):
+    """An empty answers list (VQAv2 form), a decompression bomb and a 50,000-character question: the first two are
+    skipped and counted, the question is cut to the model's prompt length (it once asked for 81 GB)."""
+    from test_data_sources import decompression_bomb
+
+    from hf_vlm.evaluation.runner import (
+        VQA_PROMPT,
+        evaluate,
+        load_eval_data,
+        load_model,
+        max_prompt_tokens,
+        truncate_questions,
+    )
+    from hf_vlm.testing import random_image
+
+    folder = tmp_path / "vqa"
+    folder.mkdir()
+    for name, seed in (("long.png", 0), ("no_answers.png", 1)):
+        random_image(16, seed=seed).save(folder / name)
+    (folder / "bomb.png").write_bytes(decompression_bomb())
+    long_question = "what is " + "very " * 10_000 + "red?"
+    rows = [{"file_name": "long.png", "question": long_question, "answers": [{"answer": "red"}]},
+            {"file_name": "no_answers.png", "question": "what color?", "answers": []},
+            {"file_name": "bomb.png", "question": "what color?", "answers": ["red"]}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    data = load_eval_data(str(folder))
+    assert data.skipped == {"empty_answer": 1, "oversized_image": 1}
+    model, processor = load_model(str(blip2_checkpoint))
+    entry = evaluate(model, processor, data, "vqa", max_new_tokens=2)
+    assert entry["num_samples"] == 1 and entry["truncated_questions"] == 1
+    assert entry["skipped"] == {"empty_answer": 1, "oversized_image": 1}
+
+    (cut,), count = truncate_questions(processor, [long_question])
+    prompt_ids = processor(text=VQA_PROMPT.format(cut))["input_ids"][0]
+    assert count == 1 and cut.startswith("what is very") and len(prompt_ids) <= max_prompt_tokens(processor)
+    assert truncate_questions(processor, ["what color?"]) == (["what color?"], 0)
+
+
+def test_zero_shot_templates_are_filled_as_plain_text():
+    from hf_vlm.evaluation.ranking import fill_template
+
+    assert fill_template("a photo of a {}.", "cat") == "a photo of a cat."
+    assert fill_template("{:>20000000}{}", "cat") == "{:>20000000}cat"  # a format spec stays text
+    for bad in ("no placeholder", "{} and {}"):
+        with pytest.raises(ValueError, match="exactly once"):
+            fill_template(bad, "cat")

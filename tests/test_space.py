@@ -82,6 +82,27 @@ def test_the_zero_shot_template_needs_exactly_one_placeholder():
             space.check_template(bad)
 
 
+def test_the_zero_shot_template_is_plain_text_with_a_length_cap():
+    """`{{}}{:>20000000}` once made each label 20 MB through str.format; substituted as text it stays short."""
+    hostile = space.check_template("{{}}{:>20000000}")
+    assert space.fill_template(hostile, "cat") == "{cat}{:>20000000}"
+    assert space.fill_template(space.check_template("{0.__class__} {}"), "cat") == "{0.__class__} cat"
+    with pytest.raises(gr.Error, match=f"{space.MAX_TEMPLATE_CHARS + 1} characters long; the limit is"):
+        space.check_template("{}" + "x" * (space.MAX_TEMPLATE_CHARS - 1))
+    with pytest.raises(gr.Error, match="labels field is .* characters long"):
+        space.parse_labels("a" * (space.MAX_LABELS_TEXT_CHARS + 1))
+    assert space.parse_labels(",".join(["x" * space.MAX_LABEL_CHARS] * 2)) == ["x" * space.MAX_LABEL_CHARS]
+
+
+def test_every_text_input_of_the_ui_is_bounded_in_the_browser_too(app_demo):
+    """Each textbox a visitor types into has a max_length no larger than the server's own check."""
+    bounds = {"vqa-question": space.MAX_QUESTION_CHARS, "retrieval-query": space.MAX_QUESTION_CHARS,
+              "zero-shot-labels": space.MAX_LABELS_TEXT_CHARS, "zero-shot-template": space.MAX_TEMPLATE_CHARS}
+    boxes = {block.elem_id: block for block in app_demo.blocks.values()
+             if isinstance(block, gr.Textbox) and block.interactive is not False and block.elem_id}
+    assert {name: box.max_length for name, box in boxes.items()} == bounds
+
+
 def test_decoding_controls_map_to_generate_arguments_within_bounds():
     assert space.generation_kwargs("greedy", 5, 12, 0.7, 0.5) == {"max_new_tokens": 12, "num_beams": 1, "do_sample": False}
     assert space.generation_kwargs("beam search", 4, 12, 0.7, 0.5) == {"max_new_tokens": 12, "num_beams": 4, "do_sample": False}
@@ -425,6 +446,8 @@ def test_what_decoding_changed_is_a_visible_notice(client, models, tmp_path):
         ("/answer", ("IMAGE", "why? " * 100, *GREEDY), "characters long; the limit is 200"),
         ("/classify", ("IMAGE", " , ", "a photo of a {}."), "No labels"),
         ("/classify", ("IMAGE", "cat, dog", "a photo"), "must contain `{}` exactly once"),
+        ("/classify", ("IMAGE", "cat, dog", "{}" + "{:>9}" * 30), "characters long; the limit is 128"),
+        ("/classify", ("IMAGE", "cat," * 400, "a photo of a {}."), "labels field is 1600 characters long"),
         ("/retrieve", ([], "a red circle"), "No images: upload a few"),
         ("/retrieve", (["IMAGE"] * (space.MAX_RETRIEVAL_IMAGES + 1), "a red circle"), "at most 16 are searched"),
         ("/retrieve", (["IMAGE", "NOT_AN_IMAGE"], "a red circle"), "notes.png is not a readable image"),

@@ -11,6 +11,15 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def fill_template(template: str, label: str) -> str:
+    """A zero-shot prompt: `template` with its one `{}` replaced by `label` as plain text. Never str.format, so
+    a template such as `{{}}{:>99999999}` (from a Space visitor or a --template) stays those characters."""
+    if template.count("{}") != 1:
+        raise ValueError(f"a zero-shot template must contain {{}} exactly once (where the class name goes), "
+                         f"got {template!r}")
+    return template.replace("{}", label)
+
+
 def _as_matrix(scores, name: str) -> np.ndarray:
     if hasattr(scores, "detach"):  # a torch tensor
         scores = scores.detach().float().cpu().numpy()

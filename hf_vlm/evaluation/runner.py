@@ -47,7 +47,7 @@ from hf_vlm.data.sources import (
     resolve_source,
 )
 from hf_vlm.evaluation.captioning import caption_metrics
-from hf_vlm.evaluation.ranking import retrieval_recall, topk_accuracy
+from hf_vlm.evaluation.ranking import fill_template, retrieval_recall, topk_accuracy
 from hf_vlm.evaluation.results import format_table, save_results
 from hf_vlm.evaluation.vqa import vqa_metrics
 
@@ -349,8 +349,35 @@ def generate_captions(model, processor, images: Sequence, *, batch_size: int = 6
     return [c.strip() for c in captions]
 
 
+# T5's pretraining length: the prompt limit of a tokenizer that states none (transformers' VERY_LARGE_INTEGER).
+T5_MAX_LENGTH = 512
+
+
+def max_prompt_tokens(processor) -> int:
+    """The longest prompt the language model takes, in tokens: its tokenizer's `model_max_length` (512 for
+    FlanT5), or T5's 512 when the tokenizer states no limit."""
+    limit = getattr(processor.tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else T5_MAX_LENGTH
+
+
+def truncate_questions(processor, questions: Sequence[str], prompt: str = VQA_PROMPT) -> tuple[list[str], int]:
+    """Each question cut to the tokens that fit in `prompt` within `max_prompt_tokens` (a 50,000-character
+    question would otherwise make T5 attend over tens of thousands of tokens); returns (questions, how many were
+    cut)."""
+    tokenizer = processor.tokenizer
+    budget = max(1, max_prompt_tokens(processor) - len(tokenizer(prompt.replace("{}", ""))["input_ids"]))
+    out, cut = [], 0
+    for question in questions:
+        ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+        if len(ids) > budget:
+            question, cut = tokenizer.decode(ids[:budget], skip_special_tokens=True).strip(), cut + 1
+        out.append(question)
+    return out, cut
+
+
 def answer_questions(model, processor, images: Sequence, questions: Sequence[str], *, prompt: str = VQA_PROMPT,
                      batch_size: int = 64, max_new_tokens: int = 10, num_beams: int = 1) -> list[str]:
+    """Answers to `questions` (already cut to the model's length: `truncate_questions`)."""
     import torch
 
     answers = []
@@ -422,9 +449,14 @@ def evaluate(model, processor, data: EvalData, task: str, *, batch_size: int = 6
         questions = data.questions
         _require(questions, task, data, "questions with answers")
         generation = {"max_new_tokens": max_new_tokens or 10, "num_beams": num_beams, "prompt": vqa_prompt}
-        predictions = answer_questions(model, processor, [data.images[q.image_index] for q in questions],
-                                       [q.question for q in questions], prompt=vqa_prompt, batch_size=batch_size,
+        texts, truncated = truncate_questions(processor, [q.question for q in questions], vqa_prompt)
+        predictions = answer_questions(model, processor, [data.images[q.image_index] for q in questions], texts,
+                                       prompt=vqa_prompt, batch_size=batch_size,
                                        max_new_tokens=generation["max_new_tokens"], num_beams=num_beams)
+        if truncated:
+            entry["truncated_questions"] = truncated
+            logger.warning("vqa: %d question(s) longer than the model's %d-token prompt were truncated", truncated,
+                           max_prompt_tokens(processor))
         types = [q.question_type for q in questions]
         metrics = vqa_metrics(predictions, [q.answers for q in questions],
                               types if all(t is not None for t in types) else None)
@@ -440,7 +472,7 @@ def evaluate(model, processor, data: EvalData, task: str, *, batch_size: int = 6
         _count(skipped, "no label", len(data.images) - len(keep))
         _require(keep, task, data, "labels")
         template = zero_shot_template or data.zero_shot_template or DEFAULT_ZERO_SHOT_TEMPLATE
-        prompts = [template.format(name) for name in data.class_names]
+        prompts = [fill_template(template, name) for name in data.class_names]
         logits = (image_embeddings(model, processor, [data.images[i] for i in keep], batch_size=batch_size)
                   @ text_embeddings(model, processor, prompts, batch_size=batch_size).T)
         labels = [data.labels[i] for i in keep]
