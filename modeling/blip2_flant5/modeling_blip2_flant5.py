@@ -763,6 +763,13 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
     """
 
     _extra_auto_classes = ("AutoModel",)
+    # The family's recommended decoding per task, as LAVIS evaluates BLIP-2-FlanT5: VQAv2 with 5 beams, at most 10
+    # new tokens, length_penalty -1 (favours short answers); COCO captions with 5 beams, 8 to 30 new tokens.
+    # `save_pretrained` writes them into every checkpoint; explicit `generate` arguments still win.
+    recommended_generation = {
+        "vqa": {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0},
+        "caption": {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8},
+    }
     _keys_to_ignore_on_load_unexpected = [
         r"^vision_proj\.", r"^text_proj\.", r"^itm_head\.", r"^lm_head\.", r"^temp$", r"^qformer\.embeddings\.",
         *STAGE1_ONLY_PATTERNS,
@@ -787,6 +794,29 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
         self.language_model = language_model
         self._apply_freezing()
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes the family's recommended decoding (`recommended_generation`): the first task's into
+        generation_config.json (what `generate` and pipelines use; fields set on `self.generation_config` are kept),
+        every other task's into `{task}_generation_config.json`. A model built from a config generates with
+        transformers' defaults until saved and loaded again."""
+        from transformers import GenerationConfig
+
+        own, ((_, first), *others) = self.generation_config, self.recommended_generation.items()
+        default = GenerationConfig()
+        saved = GenerationConfig.from_dict({**own.to_dict(), "_from_model_config": False, **{
+            k: v for k, v in first.items() if getattr(own, k, None) == getattr(default, k, None)}})
+        self.generation_config = saved
+        try:
+            files = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.generation_config = own
+        if kwargs.get("is_main_process", True):
+            ids = {k: getattr(own, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
+            for task, settings in others:
+                GenerationConfig(**ids, **settings).save_pretrained(
+                    save_directory, config_file_name=f"{task}_generation_config.json")
+        return files
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

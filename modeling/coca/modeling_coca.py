@@ -413,6 +413,11 @@ class CocaPreTrainedModel(PreTrainedModel):
 class CocaModel(CocaPreTrainedModel, GenerationMixin):
     """CoCa: zero-shot classification / retrieval (contrastive embeddings) and captioning (`generate`)."""
 
+    # The recommended caption decoding, open_clip's `CoCa.generate` defaults: beam search with 6 beams, 4 to 29 new
+    # tokens (its 5 to 30 count the start token; its 3 beam groups need a Hub download in transformers 5, so plain
+    # beams). `save_pretrained` writes it into generation_config.json; explicit `generate` arguments still win.
+    recommended_generation = {"caption": {"num_beams": 6, "max_new_tokens": 29, "min_new_tokens": 4}}
+
     def __init__(self, config: CocaConfig):
         super().__init__(config)
         text_config, multimodal_config = config.text_config, config.multimodal_config
@@ -430,6 +435,29 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
         )
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes the family's recommended decoding (`recommended_generation`): the first task's into
+        generation_config.json (what `generate` and pipelines use; fields set on `self.generation_config` are kept),
+        every other task's into `{task}_generation_config.json`. A model built from a config generates with
+        transformers' defaults until saved and loaded again."""
+        from transformers import GenerationConfig
+
+        own, ((_, first), *others) = self.generation_config, self.recommended_generation.items()
+        default = GenerationConfig()
+        saved = GenerationConfig.from_dict({**own.to_dict(), "_from_model_config": False, **{
+            k: v for k, v in first.items() if getattr(own, k, None) == getattr(default, k, None)}})
+        self.generation_config = saved
+        try:
+            files = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.generation_config = own
+        if kwargs.get("is_main_process", True):
+            ids = {k: getattr(own, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
+            for task, settings in others:
+                GenerationConfig(**ids, **settings).save_pretrained(
+                    save_directory, config_file_name=f"{task}_generation_config.json")
+        return files
 
     def get_input_embeddings(self):
         return self.text_model.token_embedding
