@@ -197,13 +197,17 @@ def test_every_parameter_is_initialized():
     torch.testing.assert_close(model.logit_scale, torch.tensor(model.config.logit_scale_init_value))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    """Also with torch's reentrant checkpointing, which back-propagates only through a layer's positional inputs
+    (issue 16.1: the image tokens reached the cross-attention as a keyword, and backward ran twice through them)."""
     pixel_values, input_ids, attention_mask = batch()
     grads = []
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
-            model.activation_checkpointing_enable()  # transformers' API (what Trainer calls)
+            # transformers' API (what Trainer calls)
+            model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
             assert model.vision_model.trunk.grad_checkpointing
             assert all(layer.gradient_checkpointing for layer in model.text_model.layers)
         out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
@@ -242,3 +246,116 @@ def test_config_validation_names_the_key():
     with pytest.raises(ValueError, match="img_size"):
         CocaConfig(vision_config={"timm_model_args": {"img_size": 64}})
     assert get_config("coca-tiny").hidden_size == 64
+
+
+@torch.no_grad()
+def test_generate_returns_the_prompt_unchanged_then_the_new_tokens():
+    """`[input_ids, new tokens]` whatever the prompt layout (issue 16.2), so slicing the prompt off by its length works:
+    a left-padded prompt, and a caption-encoded right-padded one (`<start> text <end>` + padding) whose continuation
+    is that of its text."""
+    model = sharpen(tiny_model())
+    model.generation_config.eos_token_id = None
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    left_padded = torch.tensor([[BOS, 10, 11, 12], [0, 0, BOS, 20]])
+    left_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    out = model.generate(pixel_values=pixel_values, input_ids=left_padded, attention_mask=left_mask, max_new_tokens=4)
+    assert out.shape == (2, 8) and torch.equal(out[:, :4], left_padded)
+
+    caption_encoded = torch.tensor([[BOS, 10, 11, 12, EOS], [BOS, 20, EOS, 0, 0]])
+    caption_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    again = model.generate(pixel_values=pixel_values, input_ids=caption_encoded, attention_mask=caption_mask,
+                           max_new_tokens=4, num_beams=2, num_return_sequences=2, return_dict_in_generate=True)
+    assert again.sequences.shape == (4, 9)
+    torch.testing.assert_close(again.sequences[:, :5], caption_encoded.repeat_interleave(2, dim=0))
+    best = model.generate(pixel_values=pixel_values, input_ids=left_padded, attention_mask=left_mask,
+                          max_new_tokens=4, num_beams=2)
+    torch.testing.assert_close(again.sequences[::2, 5:], best[:, 4:])
+
+
+@torch.no_grad()
+def test_the_cached_decoding_step_exports_and_matches_eager():
+    """transformers' own exporter (torch.export) traces a cached decoding step (issue 16.3: a data-dependent
+    `int(position_ids.max())` stopped the trace) and the exported program gives the eager logits."""
+    import copy
+
+    from transformers.exporters import DynamoConfig, DynamoExporter
+
+    model = tiny_model()
+    pixel_values, input_ids, _ = batch()
+    prefill = model(input_ids=input_ids[:, :4], pixel_values=pixel_values, use_cache=True)
+    step = {"input_ids": prefill.logits[:, -1:].argmax(-1), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+            "past_key_values": prefill.past_key_values, "use_cache": True}
+    expected = model(**copy.deepcopy(step)).logits
+    exported = DynamoExporter().export(model, copy.deepcopy(step), config=DynamoConfig())
+    torch.testing.assert_close(exported(**copy.deepcopy(step))["logits"], expected)
+
+
+def test_forward_and_features_report_hidden_states_and_attentions():
+    """`output_hidden_states` / `output_attentions` reach every stack (issue 16.9): the ViT trunk and the text encoder
+    (in `vision_model_output` / `text_model_output`, as transformers' CLIP) and the multimodal decoder (as a
+    decoder-only LM reports them); they keep their gradient; `return_dict=False` gives tuples."""
+    model = tiny_model()
+    config = model.config
+    pixel_values, input_ids, attention_mask = batch()
+    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                output_attentions=True, output_hidden_states=True)
+    trunk_layers = config.vision_config.timm_model_args["depth"]
+    vision, text = out.vision_model_output, out.text_model_output
+    assert len(vision.hidden_states) == trunk_layers + 1 and len(vision.attentions) == trunk_layers
+    assert vision.attentions[0].shape == (2, 2, 17, 17)  # heads, 16 patches + class token
+    torch.testing.assert_close(vision.attentions[0].sum(-1), torch.ones(2, 2, 17))
+    layers = config.text_config.num_hidden_layers
+    assert len(text.hidden_states) == layers + 1 and text.attentions[0].shape == (2, 2, 8, 8)  # the CLS appended
+    assert len(out.hidden_states) == config.multimodal_config.num_hidden_layers + 1
+    assert out.attentions[0].shape == (2, 2, 7, 7) and out.cross_attentions[0].shape == (2, 2, 7, 8)
+    # padding keys get no attention
+    assert out.attentions[-1][1, :, :, 5:].abs().max() == 0
+
+    first_hidden, first_attention = out.text_model_output.hidden_states[0], out.attentions[0]
+    first_hidden.retain_grad()
+    first_attention.retain_grad()
+    out.logits.sum().backward()
+    assert first_hidden.grad is not None and first_attention.grad is not None
+
+    quiet = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    assert quiet.hidden_states is None and quiet.text_model_output.attentions is None
+    as_tuple = model.get_text_features(input_ids, attention_mask, output_hidden_states=True, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple[2]) == layers + 1
+    assert isinstance(model.get_image_features(pixel_values, return_dict=False), tuple)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['input_embeds'\\]"):
+        model(input_ids=input_ids, input_embeds=None)
+
+
+def test_eager_attention_is_used_everywhere_when_asked_for():
+    """`attn_implementation="eager"` reaches the timm trunk (its written-out attention) and every text stack, and
+    gives what SDPA gives (issue 16.9: the setting was silently ignored)."""
+    pixel_values, input_ids, attention_mask = batch()
+    model = tiny_model()
+    sdpa = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    assert all(block.attn.fused_attn for block in model.vision_model.trunk.blocks)
+    model.set_attn_implementation("eager")
+    assert {model.config.get_text_config()._attn_implementation, model.config.vision_config._attn_implementation,
+            model.config.multimodal_config._attn_implementation} == {"eager"}
+    eager = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    assert not any(block.attn.fused_attn for block in model.vision_model.trunk.blocks)
+    torch.testing.assert_close(eager.logits, sdpa.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(eager.logits_per_image, sdpa.logits_per_image, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_inputs_embeds_stand_for_input_ids():
+    """The text may come as embeddings (issue 16.9: `forward(**kwargs)` swallowed `inputs_embeds`): forward gives the
+    same outputs, and `generate(inputs_embeds=...)` the tokens that follow that prompt."""
+    model = sharpen(tiny_model())
+    pixel_values, input_ids, attention_mask = batch()
+    embeds = model.get_input_embeddings()(input_ids)
+    by_ids = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    by_embeds = model(inputs_embeds=embeds, pixel_values=pixel_values, attention_mask=attention_mask)
+    torch.testing.assert_close(by_embeds.logits, by_ids.logits)
+    torch.testing.assert_close(by_embeds.logits_per_image, by_ids.logits_per_image)
+    prompt = input_ids[:, :3]
+    expected = model.generate(pixel_values=pixel_values, input_ids=prompt, max_new_tokens=4)
+    got = model.generate(pixel_values=pixel_values, inputs_embeds=embeds[:, :3], max_new_tokens=4)
+    torch.testing.assert_close(got, expected[:, 3:])
+    with pytest.raises(ValueError, match="needs labels"):
+        model(inputs_embeds=embeds, pixel_values=pixel_values, return_loss=True)

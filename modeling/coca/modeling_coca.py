@@ -45,6 +45,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_coca import CocaConfig, CocaMultimodalConfig, CocaTextConfig, CocaVisionConfig
@@ -63,6 +64,10 @@ class CocaOutput(ModelOutput):
     logits: `[batch, seq, vocab]` caption logits (position t predicts token t+1); computed when images and
         texts pair up (same batch size).
     past_key_values: the generation cache (`EncoderDecoderCache`: self-attention of both text stacks, image K/V).
+    text_model_output / vision_model_output: the towers' outputs (`get_text_features` / `get_image_features`), with
+        their `hidden_states` / `attentions` when asked for.
+    hidden_states / attentions / cross_attentions: the multimodal decoder's (the layers that predict the caption,
+        as a decoder-only LM reports them; `generate` collects these), when asked for.
     """
 
     loss: torch.FloatTensor | None = None
@@ -74,6 +79,14 @@ class CocaOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+    def to_tuple(self):
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in (self[k] for k in self.keys()))
 
 
 # ----------------------------------------------------------------------------------------------------- attention
@@ -91,12 +104,26 @@ def _text_stack_stds(width: int, num_layers: int) -> dict[str, float]:
     return {"attn": width**-0.5, "attn_out": proj, "fc1": (2 * width) ** -0.5, "fc2": proj}
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention written out (`attn_implementation="eager"`): also returns the attention probabilities."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.dropout(F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype), p=dropout,
+                        training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class CocaAttention(nn.Module):
     """Multi-head attention with separate q/k/v projections (`kv_dim` may differ, as in the pooler).
 
     Self-attention layers append their K/V to the self-attention cache under `layer_idx`; cross-attention
     layers compute the image K/V once and read them back from the cross-attention cache afterwards.
+    The kernel is `config._attn_implementation` (transformers' attention interface); `output_attentions` runs the
+    eager one, which returns the attention probabilities. Returns (output, probabilities or None).
     """
+
+    is_causal = False  # masks are always explicit
 
     def __init__(self, config, embed_dim: int, num_heads: int, kv_dim: int | None = None, layer_idx: int | None = None,
                  is_cross_attention: bool = False, init_stds: dict[str, float] | None = None):
@@ -104,6 +131,7 @@ class CocaAttention(nn.Module):
         self.config = config
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
         self.dropout = getattr(config, "attention_dropout", 0.0)
         self.layer_idx = layer_idx
         self.is_cross_attention = is_cross_attention
@@ -123,7 +151,8 @@ class CocaAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self._heads(self.q_proj(hidden_states))
         if self.is_cross_attention:
             cache = past_key_values.cross_attention_cache if past_key_values is not None else None
@@ -146,17 +175,14 @@ class CocaAttention(nn.Module):
                          if isinstance(past_key_values, EncoderDecoderCache) else past_key_values)
                 key, value = cache.update(key, value, self.layer_idx)
 
-        dropout = self.dropout if self.training else 0.0
-        if self.config._attn_implementation == "eager":
-            scores = query @ key.transpose(-1, -2) * self.head_dim**-0.5
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(query.dtype), dropout, self.training)
-            out = probs @ value
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
-        return self.out_proj(out)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = eager_attention_forward
+        if implementation != "eager":
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling,
+                                 dropout=self.dropout if self.training else 0.0)
+        out = out.reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
+        return self.out_proj(out), weights
 
 
 class CocaMLP(nn.Module):
@@ -184,11 +210,11 @@ class CocaTextLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CocaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, stds)
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None):
-        hidden_states = hidden_states + self.self_attn(
-            self.layer_norm1(hidden_states), attention_mask=attention_mask, past_key_values=past_key_values
-        )
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, output_attentions=False):
+        attended, weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask,
+                                           past_key_values=past_key_values, output_attentions=output_attentions)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states)), weights
 
 
 class CocaCrossAttentionLayer(GradientCheckpointingLayer):
@@ -207,12 +233,12 @@ class CocaCrossAttentionLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CocaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, stds)
 
-    def forward(self, hidden_states, image_tokens=None, past_key_values=None):
+    def forward(self, hidden_states, image_tokens=None, past_key_values=None, output_attentions=False):
         image_tokens = self.layer_norm_kv(image_tokens) if image_tokens is not None else None
-        hidden_states = hidden_states + self.cross_attn(
-            self.layer_norm1(hidden_states), key_value_states=image_tokens, past_key_values=past_key_values
-        )
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        attended, weights = self.cross_attn(self.layer_norm1(hidden_states), key_value_states=image_tokens,
+                                            past_key_values=past_key_values, output_attentions=output_attentions)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states)), weights
 
 
 class CocaDecoderLayer(nn.Module):
@@ -221,10 +247,19 @@ class CocaDecoderLayer(nn.Module):
         self.self_attn_block = CocaTextLayer(config, self_attn_layer_idx)
         self.cross_attn_block = CocaCrossAttentionLayer(config, cross_attn_layer_idx)
 
-    def forward(self, hidden_states, image_tokens=None, attention_mask=None, past_key_values=None):
-        hidden_states = self.self_attn_block(hidden_states, attention_mask=attention_mask,
-                                             past_key_values=past_key_values)
-        return self.cross_attn_block(hidden_states, image_tokens=image_tokens, past_key_values=past_key_values)
+    def forward(self, hidden_states, image_tokens=None, attention_mask=None, past_key_values=None,
+                output_attentions=False):
+        """Returns (hidden states, self-attention probabilities, cross-attention probabilities); the probabilities
+        are None unless `output_attentions`."""
+        hidden_states, self_weights = self.self_attn_block(
+            hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
+            output_attentions=output_attentions,
+        )
+        # image_tokens positionally: a checkpointed block (reentrant) only back-propagates through positional inputs
+        hidden_states, cross_weights = self.cross_attn_block(
+            hidden_states, image_tokens, past_key_values=past_key_values, output_attentions=output_attentions
+        )
+        return hidden_states, self_weights, cross_weights
 
 
 # --------------------------------------------------------------------------------------------------------- towers
@@ -241,12 +276,40 @@ class CocaAttentionalPooler(nn.Module):
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         queries = self.layernorm_query(self.query).unsqueeze(0).expand(context.shape[0], -1, -1)
-        return self.attention(queries, key_value_states=self.layernorm_context(context))
+        return self.attention(queries, key_value_states=self.layernorm_context(context))[0]
+
+
+def timm_forward_features(trunk: nn.Module, pixel_values: torch.Tensor, attn_implementation: str,
+                          output_attentions: bool = False, output_hidden_states: bool = False):
+    """`trunk.forward_features(pixel_values)` of a timm ViT, with transformers' attention switch and outputs.
+
+    timm's blocks attend with SDPA (`fused_attn`) or written out; "eager" (or `output_attentions`) selects the
+    latter, whose probabilities pass through `attn.attn_drop`, where a hook records them. Hooks on the blocks record
+    the hidden states: the blocks' input, then each block's output. Returns (tokens, hidden_states, attentions)."""
+    fused = attn_implementation != "eager" and not output_attentions
+    hidden_states, attentions, hooks = [], [], []
+    for block in trunk.blocks:
+        block.attn.fused_attn = fused
+        if output_hidden_states:
+            hooks.append(block.register_forward_hook(lambda module, args, output: hidden_states.append(output)))
+        if output_attentions:
+            hooks.append(block.attn.attn_drop.register_forward_hook(lambda module, args, output: attentions.append(output)))
+    if output_hidden_states:
+        hooks.append(trunk.blocks[0].register_forward_pre_hook(lambda module, args: hidden_states.append(args[0])))
+    try:
+        tokens = trunk.forward_features(pixel_values)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tokens, tuple(hidden_states) if output_hidden_states else None, tuple(attentions) if output_attentions else None
 
 
 class CocaVisionModel(nn.Module):
-    """timm trunk -> attentional pooler(s) -> post LayerNorm. Returns (pooled, image_tokens), both
-    `[batch, (n,) multimodal hidden]`; `pooled` is the un-projected contrastive embedding."""
+    """timm trunk -> attentional pooler(s) -> post LayerNorm. Returns (pooled, image_tokens, trunk hidden states,
+    trunk attentions): `pooled` `[batch, multimodal hidden]` is the un-projected contrastive embedding,
+    `image_tokens` `[batch, n, multimodal hidden]` what the decoder cross-attends to."""
+
+    _supports_sdpa = True  # read by transformers' composite-model checks, as on a PreTrainedModel tower
 
     def __init__(self, config: CocaVisionConfig, hidden_size: int):
         super().__init__()
@@ -264,12 +327,15 @@ class CocaVisionModel(nn.Module):
         )
         self.post_layernorm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        trunk_tokens = self.trunk.forward_features(pixel_values)
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False):
+        trunk_tokens, hidden_states, attentions = timm_forward_features(
+            self.trunk, pixel_values, self.config._attn_implementation, output_attentions, output_hidden_states
+        )
         pooled_queries = self.post_layernorm(self.attn_pool(trunk_tokens))
         if self.contrastive_pool is None:
-            return pooled_queries[:, 0], pooled_queries[:, 1:]
-        return self.post_layernorm(self.contrastive_pool(trunk_tokens))[:, 0], pooled_queries
+            return pooled_queries[:, 0], pooled_queries[:, 1:], hidden_states, attentions
+        pooled = self.post_layernorm(self.contrastive_pool(trunk_tokens))[:, 0]
+        return pooled, pooled_queries, hidden_states, attentions
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -304,10 +370,14 @@ class CocaTextModel(nn.Module):
         self.layers = nn.ModuleList([CocaTextLayer(config, i) for i in range(config.num_hidden_layers)])
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids, key_valid, position_ids, past_key_values=None, append_cls=False):
-        """key_valid: bool [B, past + L] (False = padding). Returns (token states [B, L, D] before the final
-        LayerNorm, pooled CLS state or None)."""
-        batch, length = input_ids.shape
+    _supports_sdpa = True  # read by transformers' composite-model checks, as on a PreTrainedModel tower
+
+    def forward(self, inputs_embeds, key_valid, position_ids, past_key_values=None, append_cls=False,
+                output_attentions=False, output_hidden_states=False):
+        """inputs_embeds: token embeddings [B, L, D]; key_valid: bool [B, past + L] (False = padding). Returns
+        (token states [B, L, D] before the final LayerNorm, pooled CLS state or None, hidden states, attentions);
+        the hidden states and attentions (CLS included) are None unless asked for."""
+        batch, length = inputs_embeds.shape[:2]
         max_positions = self.config.max_position_embeddings
         if append_cls:
             if length >= max_positions:
@@ -317,28 +387,37 @@ class CocaTextModel(nn.Module):
                 )
             if self.legacy_cls_mask:
                 # open_clip's layout: padding (embedded as its pad id 0) up to 76 tokens, then the CLS.
-                input_ids = input_ids.masked_fill(~key_valid, self.legacy_pad_token_id)
+                pad = self.token_embedding.weight[self.legacy_pad_token_id].to(inputs_embeds.dtype)
                 extra = max_positions - 1 - length
-                input_ids = F.pad(input_ids, (0, extra), value=self.legacy_pad_token_id)
+                inputs_embeds = torch.cat(
+                    [torch.where(key_valid[..., None], inputs_embeds, pad), pad.expand(batch, extra, -1)], dim=1
+                )
                 key_valid = F.pad(key_valid, (0, extra), value=False)
                 position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1 + torch.arange(extra, device=position_ids.device)], dim=1)
             position_ids = F.pad(position_ids, (0, 1), value=max_positions - 1)
             cls_valid = key_valid.new_ones(batch, 1)
             # the released weights were trained with the padding mask shifted one key to the right
             key_valid = torch.cat([cls_valid, key_valid] if self.legacy_cls_mask else [key_valid, cls_valid], dim=1)
-        elif int(position_ids.max()) >= max_positions:
+        elif not torch.compiler.is_compiling() and int(position_ids.max()) >= max_positions:
+            # (a check on data: left out of compiled / exported graphs, where positions come from shapes anyway)
             raise ValueError(f"text longer than text_config.max_position_embeddings={max_positions}")
-        hidden_states = self.token_embedding(input_ids)
+        hidden_states = inputs_embeds
         if append_cls:
             cls = self.cls_embedding.to(hidden_states.dtype).expand(batch, 1, -1)
             hidden_states = torch.cat([hidden_states, cls], dim=1)
         hidden_states = hidden_states + self.position_embedding(position_ids)
         mask = _additive_mask(_causal_key_mask(key_valid, hidden_states.shape[1]), hidden_states.dtype)
+        all_hidden_states, attentions = [hidden_states], []
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask=mask, past_key_values=past_key_values)
+            hidden_states, weights = layer(hidden_states, attention_mask=mask, past_key_values=past_key_values,
+                                           output_attentions=output_attentions)
+            all_hidden_states.append(hidden_states)
+            attentions.append(weights)
+        all_hidden_states = tuple(all_hidden_states) if output_hidden_states else None
+        attentions = tuple(attentions) if output_attentions else None
         if not append_cls:
-            return hidden_states, None
-        return hidden_states[:, :length], self.final_layer_norm(hidden_states[:, -1])
+            return hidden_states, None, all_hidden_states, attentions
+        return hidden_states[:, :length], self.final_layer_norm(hidden_states[:, -1]), all_hidden_states, attentions
 
 
 class CocaMultimodalDecoder(nn.Module):
@@ -352,12 +431,24 @@ class CocaMultimodalDecoder(nn.Module):
         )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states, image_tokens, key_valid, past_key_values=None):
+    def forward(self, hidden_states, image_tokens, key_valid, past_key_values=None, output_attentions=False,
+                output_hidden_states=False):
+        """Returns (final-LayerNormed states, hidden states, self-attentions, cross-attentions); the last three are
+        None unless asked for."""
         mask = _additive_mask(_causal_key_mask(key_valid, hidden_states.shape[1]), hidden_states.dtype)
+        all_hidden_states, self_attentions, cross_attentions = [hidden_states], [], []
         for layer in self.layers:
-            hidden_states = layer(hidden_states, image_tokens=image_tokens, attention_mask=mask,
-                                  past_key_values=past_key_values)
-        return self.final_layer_norm(hidden_states)
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states, image_tokens, attention_mask=mask, past_key_values=past_key_values,
+                output_attentions=output_attentions,
+            )
+            all_hidden_states.append(hidden_states)
+            self_attentions.append(self_weights)
+            cross_attentions.append(cross_weights)
+        if not output_attentions:
+            self_attentions = cross_attentions = None
+        return (self.final_layer_norm(hidden_states), tuple(all_hidden_states) if output_hidden_states else None,
+                self_attentions and tuple(self_attentions), cross_attentions and tuple(cross_attentions))
 
 
 # ----------------------------------------------------------------------------------------------- pretrained base
@@ -420,6 +511,10 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: CocaConfig):
         super().__init__(config)
+        # transformers resolves `attn_implementation` on this config; the towers' attention reads their sub-configs
+        for key in config.sub_configs:
+            if getattr(config, key)._attn_implementation_internal is None:
+                getattr(config, key)._attn_implementation_internal = config._attn_implementation
         text_config, multimodal_config = config.text_config, config.multimodal_config
         self.vision_model = CocaVisionModel(config.vision_config, multimodal_config.hidden_size)
         self.visual_projection = _linear(
@@ -472,37 +567,75 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     # ----------------------------------------------------------------------------------------- features
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """`pooler_output`: projected (not normalized) image embedding; `last_hidden_state`: the image tokens
-        the decoder cross-attends to."""
-        pooled, image_tokens = self.vision_model(pixel_values.to(self.dtype))
-        return BaseModelOutputWithPooling(last_hidden_state=image_tokens, pooler_output=self.visual_projection(pooled))
+    def get_image_features(self, pixel_values: torch.Tensor, output_attentions: bool | None = None,
+                           output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                           **kwargs) -> BaseModelOutputWithPooling | tuple:
+        """`pooler_output`: projected (not normalized) image embedding; `last_hidden_state`: the image tokens the
+        decoder cross-attends to (the attentional pooler's outputs, as wide as the decoder); `hidden_states` /
+        `attentions`: the ViT trunk's."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            self.config.vision_config, output_attentions, output_hidden_states, return_dict
+        )
+        pooled, image_tokens, hidden_states, attentions = self.vision_model(
+            pixel_values.to(self.dtype), output_attentions, output_hidden_states
+        )
+        output = BaseModelOutputWithPooling(last_hidden_state=image_tokens, pooler_output=self.visual_projection(pooled),
+                                            hidden_states=hidden_states, attentions=attentions)
+        return output if return_dict else output.to_tuple()
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          **kwargs) -> BaseModelOutputWithPooling:
+    def get_text_features(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                          inputs_embeds: torch.Tensor | None = None, output_attentions: bool | None = None,
+                          output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                          **kwargs) -> BaseModelOutputWithPooling | tuple:
         """`pooler_output`: projected (not normalized) text embedding from the CLS token; `last_hidden_state`:
-        the token states (before the final LayerNorm) the decoder continues."""
-        key_valid, position_ids = self._text_positions(input_ids, attention_mask, past_length=0)
-        token_states, pooled = self.text_model(input_ids, key_valid, position_ids, append_cls=True)
-        return BaseModelOutputWithPooling(last_hidden_state=token_states, pooler_output=self.text_projection(pooled))
+        the token states (before the final LayerNorm) the decoder continues; `hidden_states` / `attentions`: the
+        text encoder's (the appended CLS included)."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            self.config.text_config, output_attentions, output_hidden_states, return_dict
+        )
+        inputs_embeds = self._text_embeddings(input_ids, inputs_embeds)
+        key_valid, position_ids = self._text_positions(inputs_embeds, attention_mask, past_length=0)
+        token_states, pooled, hidden_states, attentions = self.text_model(
+            inputs_embeds, key_valid, position_ids, append_cls=True, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        output = BaseModelOutputWithPooling(last_hidden_state=token_states, pooler_output=self.text_projection(pooled),
+                                            hidden_states=hidden_states, attentions=attentions)
+        return output if return_dict else output.to_tuple()
+
+    def _output_flags(self, sub_config, output_attentions, output_hidden_states, return_dict):
+        """Unset flags follow the config (the model's or the tower's sub-config, as transformers' towers do)."""
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions or sub_config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states or sub_config.output_hidden_states
+        return output_attentions, output_hidden_states, self.config.return_dict if return_dict is None else return_dict
+
+    def _text_embeddings(self, input_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give the text as exactly one of input_ids or inputs_embeds")
+        return self.text_model.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds
 
     @staticmethod
-    def _text_positions(input_ids, attention_mask, past_length: int):
-        """Key validity [B, past+L] and position ids [B, L]. Positions count from the first real token, so a
-        left-padded prompt (batched generation) gets the same positions as an unpadded one; right padding (the
-        training layout) keeps open_clip's positions 0..L-1."""
-        batch, length = input_ids.shape
+    def _text_positions(inputs_embeds, attention_mask, past_length: int):
+        """Key validity [B, past+L] and position ids [B, L]. A token's position counts the real tokens before it,
+        so left padding (batched generation) and masked-out tokens inside a prompt do not shift the positions of
+        the text; padding keeps its place in the row (right padding, the training layout: open_clip's 0..L-1)."""
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
         if attention_mask is None:
-            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=device)
         if attention_mask.shape != (batch, past_length + length):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past_length + length)} "
                 f"(batch, cached + new tokens)"
             )
         key_valid = attention_mask.bool()
-        left_padding = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)
-        positions = torch.arange(past_length, past_length + length, device=input_ids.device)[None] - left_padding
-        return key_valid, positions.clamp(min=0)
+        real_before = attention_mask.long().cumsum(-1) - 1
+        left_padding = (real_before == -1).sum(-1, keepdim=True)
+        in_row = torch.arange(past_length + length, device=device)[None] - left_padding
+        positions = torch.where(key_valid, real_before, in_row).clamp(min=0)
+        return key_valid, positions[:, past_length:]
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -514,6 +647,9 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
         return_loss: bool | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CocaOutput | tuple:
@@ -525,11 +661,20 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
         return_loss: compute `loss` (also implied by `labels`).
         past_key_values / use_cache: generation cache. With a cache only caption `logits` are computed (the
             CLS token, appended after the text, has no place in incremental decoding).
+        inputs_embeds: the text as token embeddings instead of `input_ids` (a loss then needs `labels`).
+        output_attentions / output_hidden_states: the towers' (in `text_model_output` / `vision_model_output`) and
+            the multimodal decoder's.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        unknown = set(kwargs) - {"num_items_in_batch", "cache_position", "position_ids"}
+        if unknown:
+            raise TypeError(f"CocaModel.forward got unexpected keyword arguments {sorted(unknown)}")
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            self.config.multimodal_config, output_attentions, output_hidden_states, return_dict
+        )
         want_loss = bool(return_loss) or labels is not None
-        if input_ids is None and pixel_values is None:
-            raise ValueError("CocaModel.forward needs input_ids, pixel_values or both")
+        has_text = input_ids is not None or inputs_embeds is not None
+        if not has_text and pixel_values is None:
+            raise ValueError("CocaModel.forward needs input_ids (or inputs_embeds), pixel_values or both")
         if use_cache and past_key_values is None:
             past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
         if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
@@ -538,26 +683,33 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
                 f"got {type(past_key_values).__name__}"
             )
         incremental = past_key_values is not None
+        cross_cached = incremental and past_key_values.is_updated.get(0, False)
 
-        image_embeds = image_tokens = None
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-            image_embeds, image_tokens = image_features.pooler_output, image_features.last_hidden_state
+        image_embeds = image_tokens = vision_output = None
+        if pixel_values is not None and not cross_cached:  # (the decoder reads cached image K/V from then on)
+            vision_output = self.get_image_features(pixel_values, output_attentions, output_hidden_states, True)
+            image_embeds, image_tokens = vision_output.pooler_output, vision_output.last_hidden_state
 
-        text_embeds = logits = None
-        if input_ids is not None:
+        text_embeds = logits = text_output = None
+        decoder_hidden_states = decoder_attentions = cross_attentions = None
+        if has_text:
+            inputs_embeds = self._text_embeddings(input_ids, inputs_embeds)
             past_length = past_key_values.get_seq_length() if incremental else 0
-            key_valid, position_ids = self._text_positions(input_ids, attention_mask, past_length)
-            token_states, pooled = self.text_model(
-                input_ids, key_valid, position_ids, past_key_values=past_key_values, append_cls=not incremental
+            key_valid, position_ids = self._text_positions(inputs_embeds, attention_mask, past_length)
+            token_states, pooled, hidden_states, attentions = self.text_model(
+                inputs_embeds, key_valid, position_ids, past_key_values=past_key_values, append_cls=not incremental,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             )
             if pooled is not None:
                 text_embeds = self.text_projection(pooled)
-            cross_cached = incremental and past_key_values.is_updated.get(0, False)
-            pairs_up = image_tokens is not None and image_tokens.shape[0] == input_ids.shape[0]
+            text_output = BaseModelOutputWithPooling(last_hidden_state=token_states, pooler_output=text_embeds,
+                                                     hidden_states=hidden_states, attentions=attentions)
+            pairs_up = image_tokens is not None and image_tokens.shape[0] == inputs_embeds.shape[0]
             if pairs_up or cross_cached:
-                decoded = self.text_decoder(token_states, image_tokens if pairs_up else None, key_valid,
-                                            past_key_values=past_key_values)
+                decoded, decoder_hidden_states, decoder_attentions, cross_attentions = self.text_decoder(
+                    token_states, image_tokens if pairs_up else None, key_valid, past_key_values=past_key_values,
+                    output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                )
                 logits = self.lm_head(decoded)
 
         if image_embeds is not None:
@@ -574,15 +726,17 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
             if logits is None or text_embeds is None:
                 raise ValueError(
                     "a CoCa loss needs pixel_values and input_ids of the same batch size, without a cache "
-                    f"(got input_ids {None if input_ids is None else tuple(input_ids.shape)}, pixel_values "
+                    f"(got a text batch of {None if not has_text else tuple(inputs_embeds.shape[:2])}, pixel_values "
                     f"{None if pixel_values is None else tuple(pixel_values.shape)})"
                 )
             contrastive_loss = _contrastive_loss(image_embeds, text_embeds, self.logit_scale.exp())
             if labels is None:
+                if input_ids is None:
+                    raise ValueError("a caption loss from inputs_embeds needs labels (the token ids they embed)")
                 labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-            elif labels.shape != input_ids.shape:
+            elif labels.shape != inputs_embeds.shape[:2]:
                 raise ValueError(
-                    f"labels have shape {tuple(labels.shape)}, expected the input_ids layout {tuple(input_ids.shape)}"
+                    f"labels have shape {tuple(labels.shape)}, expected the text layout {tuple(inputs_embeds.shape[:2])}"
                 )
             caption_loss = _caption_loss(logits, labels)
             loss = (self.config.contrastive_loss_weight * contrastive_loss
@@ -593,6 +747,8 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
             logits_per_image=logits_per_image, logits_per_text=logits_per_text,
             image_embeds=image_embeds, text_embeds=text_embeds, logits=logits,
             past_key_values=past_key_values if use_cache else None,
+            text_model_output=text_output, vision_model_output=vision_output,
+            hidden_states=decoder_hidden_states, attentions=decoder_attentions, cross_attentions=cross_attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -600,15 +756,26 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, **kwargs):
         """Caption `pixel_values` (transformers' `generate`: greedy, beams, sampling; KV cache by default).
 
-        `input_ids` is an optional prompt. A prompt encoded like a caption (`<start> text <end>`, as the
-        processor gives it) is continued after its text: its end token is dropped and right padding becomes
-        left padding. Without a prompt, captions start from the start-of-text token.
+        `input_ids` is an optional prompt; the output is `[input_ids, new tokens]` (the prompt exactly as given,
+        padding included, as every decoder-only model returns it). Batched prompts may be left-padded, or encoded
+        like captions (`<start> text <end>`, right-padded, as the processor gives them): the model then continues
+        each row's text, without its end token. Without a prompt, captions start from the start-of-text token.
         """
-        if input_ids is not None:
-            input_ids, attention_mask = self._prompt_layout(input_ids, attention_mask)
-        return super().generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **kwargs)
+        if input_ids is None:
+            return super().generate(attention_mask=attention_mask, pixel_values=pixel_values, **kwargs)
+        prompt, prompt_mask = self._prompt_layout(input_ids, attention_mask)
+        output = super().generate(input_ids=prompt, attention_mask=prompt_mask, pixel_values=pixel_values, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        copies = sequences.shape[0] // input_ids.shape[0]  # num_return_sequences
+        sequences = torch.cat([input_ids.repeat_interleave(copies, dim=0), sequences[:, prompt.shape[1]:]], dim=1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        return output
 
     def _prompt_layout(self, input_ids, attention_mask):
+        """The prompt the model continues: each row's real tokens without a trailing end-of-text token, left-padded
+        (a left-padded prompt without end tokens is unchanged)."""
         eos_id, pad_id = self.config.text_config.eos_token_id, self.config.text_config.pad_token_id
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         rows = []
