@@ -10,7 +10,9 @@ Models come from environment variables, never from the UI (a visitor cannot make
     (unset)                     the `make demo` checkpoints: $HF_VLM_DEMO_DIR/checkpoints/{blip2,coca},
                                 HF_VLM_DEMO_DIR defaulting to ./.demo (see `demo_checkpoint`)
 
-They are loaded once, in bf16 on a GPU when one is available, in fp32 on the CPU.
+They are loaded once, in bf16 on a GPU when one is available, in fp32 on the CPU. Each model decodes as its
+checkpoint recommends (generation_config.json; BLIP-2's captions: caption_generation_config.json) unless a visitor
+chooses greedy, beam search or sampling.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from hf_vlm.data import images as image_decoding  # the one decoder: training, eval and the Space
 from hf_vlm.data.collators import VQA_PROMPT  # the prompt BLIP-2's VQA fine-tune is trained with
 from hf_vlm.data.skips import SkippedSample
+from hf_vlm.evaluation.decoding import recommended_generation_config, with_overrides
 from hf_vlm.evaluation.ranking import fill_template  # plain-text substitution, never str.format
 
 logger = logging.getLogger(__name__)
@@ -53,7 +56,8 @@ MAX_TEMPLATE_CHARS = 128
 MAX_RETRIEVAL_IMAGES = 16
 
 # Generation controls: (minimum, maximum, default) — the sliders and the server-side checks share them.
-DECODING_STRATEGIES = ("greedy", "beam search", "nucleus sampling")
+# "recommended": the checkpoint's own decoding (generation_config.json); the others override it.
+DECODING_STRATEGIES = ("recommended", "greedy", "beam search", "nucleus sampling")
 NUM_BEAMS = (1, 8, 3)
 MAX_NEW_TOKENS = (1, 64, 20)
 TEMPERATURE = (0.1, 2.0, 1.0)
@@ -90,6 +94,13 @@ class LoadedModel:
     model: Any
     processor: Any
     source: str
+    decoding: dict = field(default_factory=dict)  # task -> the checkpoint's GenerationConfig, read once
+
+    def generation_config(self, task: str, **overrides):
+        """The checkpoint's decoding for `task` ("caption", "vqa") with the visitor's explicit choices on top."""
+        if task not in self.decoding:
+            self.decoding[task] = recommended_generation_config(self.model, task)
+        return with_overrides(self.decoding[task], **overrides)
 
     @property
     def device(self):
@@ -296,6 +307,8 @@ def generation_kwargs(decoding: str, num_beams: int, max_new_tokens: int, temper
     """The UI's decoding controls -> keyword arguments of `generate`, each checked against its bounds."""
     if decoding not in DECODING_STRATEGIES:
         raise gr.Error(f"decoding must be one of {', '.join(DECODING_STRATEGIES)}; got {decoding!r}.")
+    if decoding == "recommended":
+        return {}  # the checkpoint's generation config, as its authors recommend it
     _in_bounds("max new tokens", max_new_tokens, MAX_NEW_TOKENS)
     kwargs = {"max_new_tokens": int(max_new_tokens), "num_beams": 1, "do_sample": False}
     if decoding == "beam search":
@@ -336,7 +349,8 @@ def _require(loaded: LoadedModel | None, title: str, env_var: str) -> LoadedMode
 
 
 def _generate_text(loaded: LoadedModel, image: Image.Image, prompt: str | None, gen_kwargs: dict) -> str:
-    """One decoded generation for `image`; `prompt` (BLIP-2's VQA question) or None (a caption)."""
+    """One decoded generation for `image`; `prompt` (BLIP-2's VQA question) or None (a caption), decoded as the
+    checkpoint recommends for that task with the visitor's `gen_kwargs` on top."""
     import torch
 
     inputs = loaded.processor(images=image, return_tensors="pt", **({} if prompt is None else {"text": prompt}))
@@ -345,7 +359,8 @@ def _generate_text(loaded: LoadedModel, image: Image.Image, prompt: str | None, 
         model_inputs.update(input_ids=inputs["input_ids"].to(loaded.device),
                             attention_mask=inputs["attention_mask"].to(loaded.device))
     with torch.inference_mode():
-        token_ids = loaded.model.generate(**model_inputs, **gen_kwargs)
+        config = loaded.generation_config("caption" if prompt is None else "vqa", **gen_kwargs)
+        token_ids = loaded.model.generate(**model_inputs, generation_config=config)
     return loaded.processor.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
 
 
@@ -481,7 +496,9 @@ CoCa rank a set of images by a text query.
 
 def _generation_controls():
     with gr.Accordion("Generation settings", open=False):
-        decoding = gr.Radio(list(DECODING_STRATEGIES), value="greedy", label="Decoding")
+        decoding = gr.Radio(list(DECODING_STRATEGIES), value="recommended", label="Decoding",
+                            info="recommended: each checkpoint's own (generation_config.json); the others use "
+                                 "the sliders below")
         with gr.Row():
             num_beams = gr.Slider(*NUM_BEAMS[:2], value=NUM_BEAMS[2], step=1, label="Beams (beam search)")
             max_new_tokens = gr.Slider(*MAX_NEW_TOKENS[:2], value=MAX_NEW_TOKENS[2], step=1, label="Max new tokens")

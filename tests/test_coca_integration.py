@@ -143,18 +143,21 @@ def test_zero_shot_image_classification_pipeline(saved):
 def test_image_text_to_text_pipeline_captions_and_continues_prompts(saved):
     path, model, processor = saved
     caption = transformers.pipeline("image-text-to-text", model=str(path))
+    # the pipeline decodes as the checkpoint recommends (its generation_config.json), explicit arguments on top
+    recommended = transformers.GenerationConfig.from_pretrained(path)
+    assert caption.model.generation_config.num_beams == recommended.num_beams == 6
     images = [random_image(48, seed=i) for i in range(2)]
     # no prompt: text="" (the pipeline requires a text); the result is the model's own caption
     result = caption(images=images[0], text="", max_new_tokens=6)
     expected = model.generate(pixel_values=processor(images=images[:1], return_tensors="pt").pixel_values,
-                              max_new_tokens=6)
+                              max_new_tokens=6, generation_config=recommended)
     assert result[0]["generated_text"] == processor.batch_decode(expected, skip_special_tokens=True)[0]
     # batched prompts of different lengths (right-padded by the processor) continue each prompt
     prompts = ["a small", "a photo of a"]
     results = caption(images=images, text=prompts, max_new_tokens=4, return_full_text=True)
     for image, prompt, result in zip(images, prompts, results):
         single = processor(images=[image], text=[prompt], return_tensors="pt")
-        ids = model.generate(**single, max_new_tokens=4)
+        ids = model.generate(**single, max_new_tokens=4, generation_config=recommended)
         text = result[0]["generated_text"] if isinstance(result, list) else result["generated_text"]
         assert text == processor.batch_decode(ids, skip_special_tokens=True)[0]
         assert text.startswith(prompt)

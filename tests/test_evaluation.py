@@ -261,11 +261,19 @@ def test_hf_vlm_eval_runs_blip2_caption_and_vqa_and_writes_the_results(blip2_che
     data = load_eval_data("scenes:test", num_samples=3)
     assert vqa["num_samples"] == len(data.questions)
 
-    # The recorded scores are those of the model's own generations, computed independently here.
+    # The recorded scores are those of the model's own generations with the checkpoint's recommended decoding (its
+    # caption_generation_config.json and generation_config.json), --max-new-tokens winning; computed here directly.
+    from transformers import GenerationConfig
+
+    assert caption["generation"] == {"num_beams": 5, "max_new_tokens": 4, "min_new_tokens": 4}
+    assert vqa["generation"] == {"num_beams": 5, "max_new_tokens": 4, "min_new_tokens": 1, "length_penalty": -1.0,
+                                 "prompt": VQA_PROMPT}
     model, processor = load_model(str(blip2_checkpoint))
+    caption_config = GenerationConfig.from_pretrained(blip2_checkpoint, "caption_generation_config.json")
     with torch.inference_mode():
         inputs = processor(images=data.images, return_tensors="pt")
-        captions = processor.batch_decode(model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=4),
+        captions = processor.batch_decode(model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=4,
+                                                         min_new_tokens=4, generation_config=caption_config),
                                           skip_special_tokens=True)
         inputs = processor(images=[data.images[q.image_index] for q in data.questions],
                            text=[VQA_PROMPT.format(q.question) for q in data.questions], return_tensors="pt")

@@ -55,3 +55,19 @@ def test_settings_a_user_made_are_saved_instead_of_the_recommended_ones(saved, t
     model.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "generation_config.json").read_text())
     assert written["num_beams"] == 3 and written["max_new_tokens"] == 29
+
+
+def test_eval_and_the_space_take_each_tasks_decoding_with_explicit_arguments_on_top(saved):
+    from hf_vlm.evaluation.decoding import generation_config_for
+
+    blip2 = AutoModelForImageTextToText.from_pretrained(saved / "blip2")
+    vqa, caption = generation_config_for(blip2, "vqa"), generation_config_for(blip2, "caption")
+    assert subset(vqa.to_dict(), LAVIS_VQA) == LAVIS_VQA
+    assert subset(caption.to_dict(), LAVIS_CAPTION) == LAVIS_CAPTION
+    explicit = generation_config_for(blip2, "caption", num_beams=1, max_new_tokens=4, min_new_tokens=None)
+    assert (explicit.num_beams, explicit.max_new_tokens, explicit.min_new_tokens) == (1, 4, 4)  # min follows max down
+    assert blip2.generation_config.num_beams == 5  # the model's own config is left alone
+
+    # A model built from a config (or a checkpoint from before these files) gets the family's recommendation.
+    fresh = AutoModel.from_config(get_config("coca-tiny"))
+    assert subset(generation_config_for(fresh, "caption").to_dict(), OPEN_CLIP_CAPTION) == OPEN_CLIP_CAPTION

@@ -24,6 +24,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.torch import load as load_safetensors
+from transformers import GenerationConfig
 
 from hf_vlm.cli import main as cli
 from hf_vlm.hub import HubPushError, push_to_hub
@@ -295,6 +296,9 @@ def published(tmp_path_factory, t5_tokenizer_dir):
             for repo_id, build in ROUND_TRIP.items():
                 folder = root / repo_id.split("/")[1]
                 model, inputs = build(folder, t5_tokenizer_dir)
+                # A pulled model decodes as the pushed generation_config.json says (the family's recommended
+                # decoding, written by save_pretrained), so the reference does too.
+                model.generation_config = GenerationConfig.from_pretrained(folder)
                 for task, entry in EVAL_RESULTS[repo_id].items():  # as hf_vlm.evaluation writes them
                     save_results(folder, task, entry)
                 torch.save(inputs, root / f"{folder.name}-inputs.pt")

@@ -104,6 +104,7 @@ def test_every_text_input_of_the_ui_is_bounded_in_the_browser_too(app_demo):
 
 
 def test_decoding_controls_map_to_generate_arguments_within_bounds():
+    assert space.generation_kwargs("recommended", 5, 12, 0.7, 0.5) == {}  # the checkpoint's generation config
     assert space.generation_kwargs("greedy", 5, 12, 0.7, 0.5) == {"max_new_tokens": 12, "num_beams": 1, "do_sample": False}
     assert space.generation_kwargs("beam search", 4, 12, 0.7, 0.5) == {"max_new_tokens": 12, "num_beams": 4, "do_sample": False}
     assert space.generation_kwargs("nucleus sampling", 4, 12, 0.7, 0.5) == {
@@ -305,14 +306,20 @@ def scene_png(tmp_path_factory) -> Path:
 
 
 def direct_text(loaded: space.LoadedModel, image_path: Path, prompt: str | None = None, **gen_kwargs) -> str:
-    """What the checkpoint generates for this image, called without the app."""
+    """What the checkpoint generates for this image, called without the app: with its own decoding for the task
+    (BLIP-2 captions: caption_generation_config.json; otherwise generation_config.json) and `gen_kwargs` on top."""
     import torch
+    from transformers import GenerationConfig
 
     image = Image.open(image_path).convert("RGB")
     inputs = loaded.processor(images=image, return_tensors="pt", **({"text": prompt} if prompt else {}))
     extra = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]} if prompt else {}
+    blip2_caption = prompt is None and (Path(loaded.source) / "caption_generation_config.json").is_file()
+    config = GenerationConfig.from_pretrained(
+        loaded.source, "caption_generation_config.json" if blip2_caption else "generation_config.json")
     with torch.inference_mode():
-        token_ids = loaded.model.generate(pixel_values=inputs["pixel_values"], **extra, **gen_kwargs)
+        token_ids = loaded.model.generate(pixel_values=inputs["pixel_values"], **extra, generation_config=config,
+                                          **gen_kwargs)
     return loaded.processor.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
 
 
@@ -371,8 +378,12 @@ def test_caption_endpoint_returns_both_models_captions(client, models, scene_png
     assert notice == ""
 
     beams = client.predict(handle_file(str(scene_png)), "beam search", 3, 6, 1.0, 0.9, api_name="/caption")
-    assert beams[:2] == (direct_text(models.blip2, scene_png, max_new_tokens=6, num_beams=3),
+    assert beams[:2] == (direct_text(models.blip2, scene_png, max_new_tokens=6, min_new_tokens=6, num_beams=3),
                          direct_text(models.coca, scene_png, max_new_tokens=6, num_beams=3))
+
+    # The default: each checkpoint's recommended decoding, nothing from the sliders.
+    recommended = client.predict(handle_file(str(scene_png)), "recommended", 1, 2, 1.0, 0.9, api_name="/caption")
+    assert recommended[:2] == (direct_text(models.blip2, scene_png), direct_text(models.coca, scene_png))
 
     sampled = client.predict(handle_file(str(scene_png)), "nucleus sampling", 1, 4, 0.8, 0.9, api_name="/caption")
     for caption, loaded in zip(sampled[:2], (models.blip2, models.coca)):
@@ -562,13 +573,13 @@ def test_in_the_browser_a_visitor_captions_asks_and_classifies(page, models, sce
     from playwright.sync_api import expect
 
     ARTIFACTS.mkdir(exist_ok=True)
-    greedy = {"max_new_tokens": GREEDY[2], "num_beams": 1}
+    recommended = {}  # the UI's default decoding: each checkpoint's generation config
 
     page.get_by_role("tab", name="Caption").click()
     page.locator("#caption-image input[type=file]").set_input_files(str(scene_png))
     page.click("#caption-button")
-    expect(page.locator("#blip2-caption textarea")).to_have_value(direct_text(models.blip2, scene_png, **greedy))
-    expect(page.locator("#coca-caption textarea")).to_have_value(direct_text(models.coca, scene_png, **greedy))
+    expect(page.locator("#blip2-caption textarea")).to_have_value(direct_text(models.blip2, scene_png, **recommended))
+    expect(page.locator("#coca-caption textarea")).to_have_value(direct_text(models.coca, scene_png, **recommended))
     page.screenshot(path=ARTIFACTS / "space-caption.png", full_page=True)
 
     page.get_by_role("tab", name="Visual question answering").click()
@@ -577,7 +588,7 @@ def test_in_the_browser_a_visitor_captions_asks_and_classifies(page, models, sce
     page.click("#vqa-button")
     prompt = "Question: how many shapes are there? Short answer:"
     expect(page.locator("#vqa-prompt textarea")).to_have_value(prompt)
-    expect(page.locator("#vqa-answer textarea")).to_have_value(direct_text(models.blip2, scene_png, prompt, **greedy))
+    expect(page.locator("#vqa-answer textarea")).to_have_value(direct_text(models.blip2, scene_png, prompt, **recommended))
     page.screenshot(path=ARTIFACTS / "space-vqa.png", full_page=True)
 
     page.get_by_role("tab", name="Zero-shot classification").click()

@@ -72,8 +72,10 @@ def register(subparsers) -> None:
     parser.add_argument("--vqa-prompt", default=VQA_PROMPT, help=f"VQA prompt with {{}} for the question "
                                                                  f"(default {VQA_PROMPT!r})")
     parser.add_argument("--batch-size", type=int, default=64, help="images (or questions) per forward pass")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 20 for captions, 10 for VQA")
-    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: the checkpoint's recommended decoding (generation_config.json; BLIP-2 captions: "
+                             "caption_generation_config.json)")
+    parser.add_argument("--num-beams", type=int, default=None, help="default: the checkpoint's recommended decoding")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--output", default=None,
                         help="results folder or .json file (default: CHECKPOINT/eval_results.json)")

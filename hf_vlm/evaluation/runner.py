@@ -47,6 +47,7 @@ from hf_vlm.data.sources import (
     resolve_source,
 )
 from hf_vlm.evaluation.captioning import caption_metrics
+from hf_vlm.evaluation.decoding import decoding_summary, generation_config_for
 from hf_vlm.evaluation.ranking import fill_template, retrieval_recall, topk_accuracy
 from hf_vlm.evaluation.results import format_table, save_results
 from hf_vlm.evaluation.vqa import vqa_metrics
@@ -336,15 +337,16 @@ def _to_device(inputs, model):
     return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
 
 
-def generate_captions(model, processor, images: Sequence, *, batch_size: int = 64, max_new_tokens: int = 20,
-                      num_beams: int = 1) -> list[str]:
+def generate_captions(model, processor, images: Sequence, *, batch_size: int = 64, generation_config=None) -> list[str]:
+    """Captions of `images`, decoded with `generation_config` (default: the checkpoint's caption decoding)."""
     import torch
 
+    generation_config = generation_config or generation_config_for(model, "caption")
     captions = []
     with torch.inference_mode():
         for batch in _batches(images, batch_size, "caption"):
             ids = model.generate(pixel_values=image_inputs(processor, batch).to(model.device),
-                                 max_new_tokens=max_new_tokens, num_beams=num_beams)
+                                 generation_config=generation_config)
             captions += processor.batch_decode(ids, skip_special_tokens=True)
     return [c.strip() for c in captions]
 
@@ -376,10 +378,12 @@ def truncate_questions(processor, questions: Sequence[str], prompt: str = VQA_PR
 
 
 def answer_questions(model, processor, images: Sequence, questions: Sequence[str], *, prompt: str = VQA_PROMPT,
-                     batch_size: int = 64, max_new_tokens: int = 10, num_beams: int = 1) -> list[str]:
-    """Answers to `questions` (already cut to the model's length: `truncate_questions`)."""
+                     batch_size: int = 64, generation_config=None) -> list[str]:
+    """Answers to `questions` (already cut to the model's length: `truncate_questions`), decoded with
+    `generation_config` (default: the checkpoint's VQA decoding)."""
     import torch
 
+    generation_config = generation_config or generation_config_for(model, "vqa")
     answers = []
     pairs = list(zip(images, questions))
     with torch.inference_mode():
@@ -387,7 +391,7 @@ def answer_questions(model, processor, images: Sequence, questions: Sequence[str
             # Blip2FlanT5Processor pads prompts itself (and refuses a `padding` argument).
             inputs = processor(images=[image for image, _ in batch], text=[prompt.format(q) for _, q in batch],
                                return_tensors="pt")
-            ids = model.generate(**_to_device(inputs, model), max_new_tokens=max_new_tokens, num_beams=num_beams)
+            ids = model.generate(**_to_device(inputs, model), generation_config=generation_config)
             answers += processor.batch_decode(ids, skip_special_tokens=True)
     return [a.strip() for a in answers]
 
@@ -421,8 +425,10 @@ def text_embeddings(model, processor, texts: Sequence[str], *, batch_size: int =
 # ------------------------------------------------------------------------------------- tasks
 
 def evaluate(model, processor, data: EvalData, task: str, *, batch_size: int = 64, max_new_tokens: int | None = None,
-             num_beams: int = 1, vqa_prompt: str = VQA_PROMPT, zero_shot_template: str | None = None) -> dict:
-    """Run `task` on `data`; returns the results entry: {"metrics": {...}, "num_samples", "skipped", ...}."""
+             num_beams: int | None = None, vqa_prompt: str = VQA_PROMPT, zero_shot_template: str | None = None) -> dict:
+    """Run `task` on `data`; returns the results entry: {"metrics": {...}, "num_samples", "skipped", ...}.
+    Captions and answers are decoded as the checkpoint recommends (`generation_config_for`); `max_new_tokens` and
+    `num_beams` override it when given."""
     model_type = getattr(model.config, "model_type", None)
     supported = TASKS_BY_MODEL_TYPE.get(model_type, ())
     if task not in TASKS:
@@ -438,9 +444,10 @@ def evaluate(model, processor, data: EvalData, task: str, *, batch_size: int = 6
         keep = [i for i, refs in enumerate(data.captions) if refs]
         _count(skipped, "empty_caption", len(data.images) - len(keep))
         _require(keep, task, data, "captions")
-        generation = {"max_new_tokens": max_new_tokens or 20, "num_beams": num_beams}
+        config = generation_config_for(model, "caption", max_new_tokens=max_new_tokens, num_beams=num_beams)
+        generation = decoding_summary(config)
         predictions = generate_captions(model, processor, [data.images[i] for i in keep], batch_size=batch_size,
-                                        **generation)
+                                        generation_config=config)
         metrics = caption_metrics(predictions, [data.captions[i] for i in keep])
         entry.update(num_samples=len(keep), generation=generation,
                      examples=[{"prediction": p, "references": data.captions[i]} for p, i in zip(predictions[:5], keep)])
@@ -448,11 +455,11 @@ def evaluate(model, processor, data: EvalData, task: str, *, batch_size: int = 6
     elif task == "vqa":
         questions = data.questions
         _require(questions, task, data, "questions with answers")
-        generation = {"max_new_tokens": max_new_tokens or 10, "num_beams": num_beams, "prompt": vqa_prompt}
+        config = generation_config_for(model, "vqa", max_new_tokens=max_new_tokens, num_beams=num_beams)
+        generation = {**decoding_summary(config), "prompt": vqa_prompt}
         texts, truncated = truncate_questions(processor, [q.question for q in questions], vqa_prompt)
         predictions = answer_questions(model, processor, [data.images[q.image_index] for q in questions], texts,
-                                       prompt=vqa_prompt, batch_size=batch_size,
-                                       max_new_tokens=generation["max_new_tokens"], num_beams=num_beams)
+                                       prompt=vqa_prompt, batch_size=batch_size, generation_config=config)
         if truncated:
             entry["truncated_questions"] = truncated
             logger.warning("vqa: %d question(s) longer than the model's %d-token prompt were truncated", truncated,
