@@ -223,7 +223,8 @@ def test_stage1_eval_forward_is_deterministic_and_takes_the_hardest_negatives(st
     second = stage1(pixels(4), input_ids, attention_mask, return_loss=True)
     assert calls == [] and torch.equal(torch.get_rng_state(), rng)
     for key, value in first.items():
-        assert torch.equal(value, second[key]), key
+        if isinstance(value, torch.Tensor):  # (the towers' nested outputs hold the same tensors)
+            assert torch.equal(value, second[key]), key
     # Hardest negatives: argmax of the similarities with the positive pair masked out.
     diagonal = torch.eye(4, dtype=torch.bool)
     negative_images = first.logits_per_text.masked_fill(diagonal, float("-inf")).argmax(1)
@@ -326,3 +327,123 @@ def test_auto_classes_resolve_the_family():
     assert isinstance(config, Blip2FlanT5Config)
     assert type(AutoModel.from_config(config)) is Blip2FlanT5ForConditionalGeneration
     assert type(AutoModelForImageTextToText.from_config(config)) is Blip2FlanT5ForConditionalGeneration
+
+
+def test_stage2_return_dict_and_outputs_of_every_part(stage2):
+    """`return_dict` is the caller's (issue 16.4: T5 got it twice and raised); `output_hidden_states` /
+    `output_attentions` reach the vision tower, the Q-Former and T5 (issue 16.9)."""
+    prompt, labels = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]]), torch.tensor([[10, 11, 1], [12, 1, 0]])
+    as_dict = stage2(pixels(), prompt, (prompt != 0).long(), labels=labels, return_dict=True,
+                     output_hidden_states=True, output_attentions=True)
+    as_tuple = stage2(pixels(), prompt, (prompt != 0).long(), labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+    config = stage2.config
+    vision, qformer, t5 = as_dict.vision_model_output, as_dict.qformer_model_output, as_dict.language_model_outputs
+    assert len(vision.hidden_states) == config.vision_config.num_hidden_layers + 1
+    assert vision.attentions[0].shape == (2, config.vision_config.num_attention_heads, 17, 17)
+    assert len(qformer.hidden_states) == config.qformer_config.num_hidden_layers + 1
+    assert qformer.cross_attentions[0].shape == (2, config.qformer_config.num_attention_heads, 8, 17)
+    assert len(t5.encoder_hidden_states) == config.text_config.num_layers + 1 and t5.cross_attentions is not None
+    features = stage2.get_image_features(pixels(), output_hidden_states=True, return_dict=False)
+    assert isinstance(features, tuple) and len(features[2]) == config.vision_config.num_hidden_layers + 1
+
+
+def test_stage2_prompt_as_inputs_embeds(stage2):
+    """The prompt may come as T5 input embeddings, in forward and in generate (issue 16.9: a TypeError)."""
+    prompt = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    mask = (prompt != 0).long()
+    embeds = stage2.get_input_embeddings()(prompt)
+    torch.testing.assert_close(
+        stage2(pixels(), inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=prompt[:, :2]).logits,
+        stage2(pixels(), prompt, mask, decoder_input_ids=prompt[:, :2]).logits,
+    )
+    torch.testing.assert_close(
+        stage2.generate(pixels(), inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4),
+        stage2.generate(pixels(), input_ids=prompt, attention_mask=mask, max_new_tokens=4),
+    )
+
+
+def test_t5_weights_missing_from_a_checkpoint_get_t5s_own_init(tmp_path, stage2):
+    """Issue 16.5: transformers took our model for custom code and skipped T5's `_init_weights` for modules without
+    parameters of their own (T5's attention blocks), leaving torch's std ~1 instead of T5's scaled init."""
+    from safetensors.torch import load_file, save_file
+
+    stage2.save_pretrained(tmp_path)
+    kept = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if not k.startswith("language_model.")}
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = Blip2FlanT5ForConditionalGeneration.from_pretrained(tmp_path)
+    fresh = dict(Blip2FlanT5ForConditionalGeneration(tiny_config()).language_model.named_parameters())
+    for name, param in reloaded.language_model.named_parameters():
+        if param.dim() == 2 and "embed" not in name and "shared" not in name and "lm_head" not in name:
+            ratio = param.std().item() / fresh[name].std().item()
+            assert 0.7 < ratio < 1.4, f"{name}: std {param.std().item():.3f}, T5 init {fresh[name].std().item():.3f}"
+
+
+def test_stage1_loaded_in_float16_runs_with_the_qformer_in_float32(tmp_path, stage1):
+    """Issue 16.6: the Q-Former stays fp32 (`_keep_in_fp32_modules`) and its fp32 outputs meet the fp16 heads."""
+    stage1.save_pretrained(tmp_path)
+    half = Blip2FlanT5ForPretraining.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    assert half.qformer.layernorm.weight.dtype == torch.float32 and half.vision_proj.weight.dtype == torch.float16
+    input_ids = torch.tensor([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0]])
+    attention_mask = (input_ids != 0).long()
+    for return_loss in (False, True):
+        full = stage1(pixels(), input_ids, attention_mask, return_loss=return_loss)
+        out = half(pixels().half(), input_ids, attention_mask, return_loss=return_loss)
+        torch.testing.assert_close(out.logits_per_image.float(), full.logits_per_image, atol=0.05, rtol=0.02)
+    assert torch.isfinite(out.loss) and abs(out.loss.item() - full.loss.item()) < 0.05
+    assert half.itm_scores(pixels().half(), input_ids, attention_mask).shape == (2,)
+
+
+def test_stage1_resized_vocabulary_is_the_qformers_and_reloads(tmp_path):
+    """Issue 16.7: the new size goes into `qformer_config` (not T5's `text_config`), so the model loads again; the
+    tied ITG head follows."""
+    torch.manual_seed(0)
+    model = Blip2FlanT5ForPretraining(tiny_config()).eval()
+    vocab, t5_vocab = model.config.qformer_config.vocab_size, model.config.text_config.vocab_size
+    model.resize_token_embeddings(vocab + 10)
+    assert model.config.qformer_config.vocab_size == vocab + 10 and model.config.text_config.vocab_size == t5_vocab
+    assert model.lm_head.decoder.weight is model.qformer.embeddings.word_embeddings.weight
+    assert model.lm_head.decoder.bias.shape == (vocab + 10,)
+    model.save_pretrained(tmp_path)
+    reloaded = Blip2FlanT5ForPretraining.from_pretrained(tmp_path).eval()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    new_token = torch.tensor([[2, vocab + 5, 3]])
+    out = reloaded(pixels(1), new_token, return_loss=True)
+    assert out.itg_logits.shape[-1] == vocab + 10
+
+
+def test_stage1_outputs_of_every_part_and_tuples(stage1):
+    """Issue 16.9: `output_hidden_states` / `output_attentions` reach the vision tower and both Q-Former passes;
+    `return_dict=False` gives tuples."""
+    input_ids = torch.tensor([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0]])
+    out = stage1(pixels(), input_ids, (input_ids != 0).long(), output_hidden_states=True, output_attentions=True)
+    layers = stage1.config.qformer_config.num_hidden_layers
+    assert len(out.text_model_output.hidden_states) == layers + 1
+    assert out.text_model_output.attentions[0].shape == (2, 4, 5, 5)
+    assert out.text_model_output.attentions[0][1, :, :, 3:].abs().max() == 0  # padding keys
+    assert len(out.qformer_model_output.attentions) == layers
+    assert len(out.vision_model_output.attentions) == stage1.config.vision_config.num_hidden_layers
+    as_tuple = stage1(pixels(), input_ids, (input_ids != 0).long(), return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.logits_per_image)
+    text = stage1.get_text_features(input_ids, output_attentions=True, return_dict=False)
+    assert isinstance(text, tuple) and len(text[-1]) == layers
+
+
+@pytest.mark.parametrize("model_class", [Blip2FlanT5ForPretraining, Blip2FlanT5ForConditionalGeneration])
+def test_eager_attention_reaches_the_eva_tower_and_the_qformer(model_class):
+    """Issue 16.9: `attn_implementation="eager"` was ignored by the Q-Former and the EVA tower; now both switch, and
+    give what SDPA gives."""
+    torch.manual_seed(0)
+    model = model_class(tiny_config()).eval()
+    image_embeds = model.get_image_embeds(pixels())
+    sdpa = model.get_query_output(image_embeds)
+    assert all(block.attn.fused_attn for block in model.vision_model.blocks)
+    model.set_attn_implementation("eager")
+    assert model.config.qformer_config._attn_implementation == "eager"
+    assert model.config.vision_config._attn_implementation == "eager"
+    torch.testing.assert_close(model.get_image_embeds(pixels()), image_embeds, atol=1e-5, rtol=1e-4)
+    assert not any(block.attn.fused_attn for block in model.vision_model.blocks)
+    torch.testing.assert_close(model.get_query_output(image_embeds), sdpa, atol=1e-5, rtol=1e-4)

@@ -29,6 +29,7 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     BaseModelOutputWithPoolingAndCrossAttentions,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_blip2_flant5 import Blip2FlanT5Config, Blip2FlanT5QFormerConfig, Blip2FlanT5VisionConfig
@@ -57,6 +58,8 @@ class Blip2FlanT5PretrainingOutput(ModelOutput):
         itg_logits: `(batch, text_length, vocab)` next-token logits of the Q-Former text decoder.
         image_embeds: `(batch, num_query_tokens, image_text_hidden_size)` normalized query embeddings.
         text_embeds: `(batch, image_text_hidden_size)` normalized [CLS] text embeddings.
+        vision_model_output / qformer_model_output / text_model_output: the vision tower, the Q-Former over the
+            queries, and the Q-Former's text encoder (ITC), with hidden states / attentions when asked for.
     """
 
     loss: torch.FloatTensor | None = None
@@ -69,6 +72,12 @@ class Blip2FlanT5PretrainingOutput(ModelOutput):
     itg_logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    qformer_model_output: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+    text_model_output: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+
+    def to_tuple(self):
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in (self[k] for k in self.keys()))
 
 
 @dataclass
@@ -82,7 +91,9 @@ class Blip2FlanT5ForConditionalGenerationOutput(ModelOutput):
         image_embeds: `(batch, num_image_tokens, vision_width)` vision tokens after `ln_vision`.
         query_output: `(batch, num_query_tokens, qformer_width)` Q-Former output for the query tokens.
         language_model_inputs: `(batch, num_query_tokens, d_model)` the query outputs projected to T5's width.
-        language_model_outputs: T5's full `Seq2SeqLMOutput`.
+        language_model_outputs: T5's full `Seq2SeqLMOutput` (its hidden states and attentions when asked for).
+        vision_model_output / qformer_model_output: the vision tower's and the Q-Former's outputs, with hidden states
+            and attentions when asked for.
     """
 
     loss: torch.FloatTensor | None = None
@@ -92,6 +103,8 @@ class Blip2FlanT5ForConditionalGenerationOutput(ModelOutput):
     query_output: torch.FloatTensor | None = None
     language_model_inputs: torch.FloatTensor | None = None
     language_model_outputs: ModelOutput | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    qformer_model_output: BaseModelOutputWithPoolingAndCrossAttentions | None = None
 
     def to_tuple(self):
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in (self[k] for k in self.keys()))
@@ -122,34 +135,51 @@ class Blip2FlanT5QFormerEmbeddings(nn.Module):
         return self.word_embeddings(input_ids) + self.position_embeddings(position_ids)[None]
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention written out (`attn_implementation="eager"`): also returns the attention probabilities."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.dropout(F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype), p=dropout,
+                        training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class Blip2FlanT5QFormerMultiHeadAttention(nn.Module):
-    """Multi-head attention with SDPA; keys/values come from the image tokens when `is_cross_attention`."""
+    """Multi-head attention; keys/values come from the image tokens when `is_cross_attention`. The kernel is
+    `config._attn_implementation` (transformers' attention interface); `output_attentions` runs the eager one, which
+    returns the attention probabilities. Returns (output, probabilities or None)."""
+
+    is_causal = False  # masks are always explicit
 
     def __init__(self, config: Blip2FlanT5QFormerConfig, is_cross_attention: bool = False):
         super().__init__()
+        self.config = config
         self.num_attention_heads = config.num_attention_heads
         self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.scaling = self.attention_head_size**-0.5
         self.attention_dropout = config.attention_probs_dropout_prob
         kv_width = config.encoder_hidden_size if is_cross_attention else config.hidden_size
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(kv_width, config.hidden_size)
         self.value = nn.Linear(kv_width, config.hidden_size)
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, output_attentions=False):
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         batch, length, _ = hidden_states.shape
 
         def heads(x):
             return x.view(x.shape[0], x.shape[1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
-        attn_output = F.scaled_dot_product_attention(
-            heads(self.query(hidden_states)),
-            heads(self.key(kv_states)),
-            heads(self.value(kv_states)),
-            attn_mask=attention_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = eager_attention_forward
+        if implementation != "eager":
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, weights = attention(
+            self, heads(self.query(hidden_states)), heads(self.key(kv_states)), heads(self.value(kv_states)),
+            attention_mask, scaling=self.scaling, dropout=self.attention_dropout if self.training else 0.0,
         )
-        return attn_output.transpose(1, 2).reshape(batch, length, -1)
+        return attn_output.reshape(batch, length, -1), weights
 
 
 class Blip2FlanT5QFormerSelfOutput(nn.Module):
@@ -171,8 +201,9 @@ class Blip2FlanT5QFormerAttention(nn.Module):
         self.attention = Blip2FlanT5QFormerMultiHeadAttention(config, is_cross_attention)
         self.output = Blip2FlanT5QFormerSelfOutput(config)
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
-        return self.output(self.attention(hidden_states, attention_mask, encoder_hidden_states), hidden_states)
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, output_attentions=False):
+        attended, weights = self.attention(hidden_states, attention_mask, encoder_hidden_states, output_attentions)
+        return self.output(attended, hidden_states), weights
 
 
 class Blip2FlanT5QFormerIntermediate(nn.Module):
@@ -212,21 +243,26 @@ class Blip2FlanT5QFormerLayer(GradientCheckpointingLayer):
         self.intermediate_query = Blip2FlanT5QFormerIntermediate(config)
         self.output_query = Blip2FlanT5QFormerOutput(config)
 
-    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, query_length: int = 0):
-        attention_output = self.attention(hidden_states, attention_mask)
+    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, query_length: int = 0,
+                output_attentions: bool = False):
+        """Returns (hidden states, self-attention probabilities, cross-attention probabilities); the probabilities
+        are None unless `output_attentions` (and the cross-attention's where this layer has none)."""
+        attention_output, self_weights = self.attention(hidden_states, attention_mask, None, output_attentions)
         query_part, text_part = attention_output[:, :query_length], attention_output[:, query_length:]
-        outputs = []
+        outputs, cross_weights = [], None
         if query_length > 0:
             if self.has_cross_attention:
                 if encoder_hidden_states is None:
                     raise ValueError("the Q-Former's query tokens need encoder_hidden_states (the image embeddings)")
-                query_part = self.crossattention(query_part, None, encoder_hidden_states)
+                query_part, cross_weights = self.crossattention(query_part, None, encoder_hidden_states,
+                                                                output_attentions)
             outputs.append(self.output_query(self.intermediate_query(query_part), query_part))
         if text_part.shape[1] > 0:
             if not hasattr(self, "intermediate"):
                 raise ValueError("this Q-Former was built without its text path (stage 2); text input is not supported")
             outputs.append(self.output(self.intermediate(text_part), text_part))
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        hidden_states = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        return hidden_states, self_weights, cross_weights
 
 
 class Blip2FlanT5QFormerEncoder(nn.Module):
@@ -236,11 +272,24 @@ class Blip2FlanT5QFormerEncoder(nn.Module):
             [Blip2FlanT5QFormerLayer(config, i, with_text_path) for i in range(config.num_hidden_layers)]
         )
 
-    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, query_length: int = 0):
+    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, query_length: int = 0,
+                output_attentions: bool = False, output_hidden_states: bool = False):
+        """Returns (last hidden states, hidden states, self-attentions, cross-attentions); the last three are None
+        unless asked for (cross-attentions: one per layer that has one)."""
+        all_hidden_states, attentions, cross_attentions = [hidden_states], [], []
         for layer in self.layer:
-            # encoder_hidden_states positional: gradient checkpointing passes positional tensors through
-            hidden_states = layer(hidden_states, attention_mask, encoder_hidden_states, query_length=query_length)
-        return hidden_states
+            # Every argument positional: a checkpointed layer back-propagates through positional tensors only, and
+            # each call's arguments then travel with the call (this encoder runs several times per stage-1 forward).
+            hidden_states, weights, cross_weights = layer(
+                hidden_states, attention_mask, encoder_hidden_states, query_length, output_attentions
+            )
+            all_hidden_states.append(hidden_states)
+            attentions.append(weights)
+            if cross_weights is not None:
+                cross_attentions.append(cross_weights)
+        return (hidden_states, tuple(all_hidden_states) if output_hidden_states else None,
+                tuple(attentions) if output_attentions else None,
+                tuple(cross_attentions) if output_attentions and cross_attentions else None)
 
 
 class Blip2FlanT5QFormerModel(nn.Module):
@@ -267,6 +316,8 @@ class Blip2FlanT5QFormerModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         text_attention: str = "bidirectional",
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
         if query_embeds is None and input_ids is None:
             raise ValueError("the Q-Former needs query_embeds, input_ids or both")
@@ -303,9 +354,12 @@ class Blip2FlanT5QFormerModel(nn.Module):
 
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.to(dtype)
-        sequence_output = self.encoder(embeddings, mask, encoder_hidden_states, query_length=query_length)
+        sequence_output, hidden_states, attentions, cross_attentions = self.encoder(
+            embeddings, mask, encoder_hidden_states, query_length, output_attentions, output_hidden_states
+        )
         return BaseModelOutputWithPoolingAndCrossAttentions(
-            last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0]
+            last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0], hidden_states=hidden_states,
+            attentions=attentions, cross_attentions=cross_attentions,
         )
 
 
@@ -352,6 +406,32 @@ def _create_vision_model(config: Blip2FlanT5VisionConfig) -> nn.Module:
     return timm.create_model(config.timm_model_name, **kwargs)
 
 
+def timm_forward_features(trunk: nn.Module, pixel_values: torch.Tensor, attn_implementation: str,
+                          output_attentions: bool = False, output_hidden_states: bool = False):
+    """`trunk.forward_features(pixel_values)` of a timm ViT (EVA here), with transformers' attention switch and outputs.
+
+    timm's blocks attend with SDPA (`fused_attn`) or written out; "eager" (or `output_attentions`) selects the
+    latter, whose probabilities pass through `attn.attn_drop`, where a hook records them. Hooks on the blocks record
+    the hidden states: the blocks' input, then each block's output. Returns (tokens, hidden_states, attentions).
+    (The same function as CoCa's: each modeling folder is Hub-portable and imports only its siblings.)"""
+    fused = attn_implementation != "eager" and not output_attentions
+    hidden_states, attentions, hooks = [], [], []
+    for block in trunk.blocks:
+        block.attn.fused_attn = fused
+        if output_hidden_states:
+            hooks.append(block.register_forward_hook(lambda module, args, output: hidden_states.append(output)))
+        if output_attentions:
+            hooks.append(block.attn.attn_drop.register_forward_hook(lambda module, args, output: attentions.append(output)))
+    if output_hidden_states:
+        hooks.append(trunk.blocks[0].register_forward_pre_hook(lambda module, args: hidden_states.append(args[0])))
+    try:
+        tokens = trunk.forward_features(pixel_values)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tokens, tuple(hidden_states) if output_hidden_states else None, tuple(attentions) if output_attentions else None
+
+
 def _eva_layer_norm(eps: float):
     from functools import partial
 
@@ -374,8 +454,22 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
     # Our losses are batch means: the Trainer must scale them for gradient accumulation itself.
     accepts_loss_kwargs = False
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: like transformers' own models, this code initializes through `transformers.initialization`, which
+        leaves loaded tensors alone. transformers' guess for custom code marks every module without parameters of its
+        own as initialized, which skipped T5's `_init_weights` for its attention blocks: T5 weights missing from a
+        checkpoint kept torch's std ~1 (issue 16.5)."""
+        return False
+
     def _build_vision_and_qformer(self, config: Blip2FlanT5Config, with_text_path: bool):
+        # transformers resolves `attn_implementation` on this config; the towers' attention reads their sub-configs
+        for key in ("vision_config", "qformer_config"):
+            if getattr(config, key)._attn_implementation_internal is None:
+                getattr(config, key)._attn_implementation_internal = config._attn_implementation
         self.vision_model = _create_vision_model(config.vision_config)
+        # what transformers' composite-model code reads on a tower (a PreTrainedModel would carry both)
+        self.vision_model.config, self.vision_model._supports_sdpa = config.vision_config, True
         self.ln_vision = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_config.ln_vision_eps)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = Blip2FlanT5QFormerModel(config.qformer_config, with_text_path=with_text_path)
@@ -439,27 +533,55 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
 
     def get_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, num_image_tokens, vision_width)`: the ViT's tokens after `ln_vision` (computed in fp32, as LAVIS)."""
+        return self._vision_output(pixel_values).last_hidden_state
+
+    def _vision_output(self, pixel_values, output_attentions=False, output_hidden_states=False):
+        """The vision tower: `last_hidden_state` = its tokens after `ln_vision`, with the ViT's hidden states and
+        attentions when asked for."""
         if pixel_values is None or pixel_values.dim() != 4:
             raise ValueError(
                 "pixel_values must be a (batch, 3, height, width) tensor, got "
                 f"{None if pixel_values is None else tuple(pixel_values.shape)}"
             )
         vision_dtype = self.vision_model.patch_embed.proj.weight.dtype
-        image_embeds = self.vision_model.forward_features(pixel_values.to(vision_dtype))
+        image_embeds, hidden_states, attentions = timm_forward_features(
+            self.vision_model, pixel_values.to(vision_dtype), self.config.vision_config._attn_implementation,
+            output_attentions, output_hidden_states,
+        )
         ln = self.ln_vision
         dtype = torch.promote_types(ln.weight.dtype, torch.float32)  # at least fp32
-        return F.layer_norm(
+        image_embeds = F.layer_norm(
             image_embeds.to(dtype), ln.normalized_shape, ln.weight.to(dtype), ln.bias.to(dtype), ln.eps
         ).to(ln.weight.dtype)
+        return BaseModelOutputWithPooling(last_hidden_state=image_embeds, hidden_states=hidden_states,
+                                          attentions=attentions)
 
     def get_query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """`(batch, num_query_tokens, qformer_width)`: the query tokens after attending to the image."""
+        return self._query_output(image_embeds).last_hidden_state
+
+    def _query_output(self, image_embeds, output_attentions=False, output_hidden_states=False):
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds).last_hidden_state
+        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
+                            output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+
+    def _output_flags(self, sub_config, output_attentions, output_hidden_states, return_dict):
+        """Unset flags follow the config (the model's or the tower's sub-config, as transformers' towers do)."""
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions or sub_config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states or sub_config.output_hidden_states
+        return output_attentions, output_hidden_states, self.config.return_dict if return_dict is None else return_dict
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 1
+
+
+def _with_pooler_output(output: ModelOutput, pooler_output: torch.Tensor) -> ModelOutput:
+    """The same output with another `pooler_output` (a new object: a field set after creation would come last in
+    `to_tuple()`)."""
+    return type(output)(**{**output, "pooler_output": pooler_output})
 
 
 def _distributed() -> bool:
@@ -547,6 +669,8 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
     """
 
     _tied_weights_keys = {"lm_head.decoder.weight": "qformer.embeddings.word_embeddings.weight"}
+    # The ITG head reads the fp32 Q-Former and its vocabulary projection is the Q-Former's word embeddings.
+    _keep_in_fp32_modules = ["query_tokens", "qformer", "lm_head"]
 
     def __init__(self, config: Blip2FlanT5Config):
         super().__init__(config)
@@ -572,20 +696,52 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head.decoder = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
-        """last_hidden_state: image tokens after ln_vision; pooler_output: `(batch, num_query_tokens, embed_dim)`
-        normalized query embeddings (ITC compares a text with each of them and keeps the maximum)."""
-        image_embeds = self.get_image_embeds(pixel_values)
-        query_output = self.get_query_output(image_embeds)
-        image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
-        return BaseModelOutputWithPooling(last_hidden_state=image_embeds, pooler_output=image_feats)
+    def resize_token_embeddings(self, *args, **kwargs):
+        """Resizes the Q-Former's vocabulary (its word embeddings and the tied ITG head) and records the new size in
+        `qformer_config`; transformers would write it into `config.get_text_config()`, the T5 config, and the
+        resized model would not load again (issue 16.7)."""
+        text_config = self.config.get_text_config()
+        t5_vocab_size = text_config.vocab_size
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        text_config.vocab_size = t5_vocab_size
+        self.config.qformer_config.vocab_size = embeddings.weight.shape[0]
+        return embeddings
 
-    def get_text_features(self, input_ids: torch.LongTensor, attention_mask=None) -> BaseModelOutputWithPooling:
+    def _project(self, head: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+        """A head applied to the (fp32) Q-Former's output in the head's own dtype (fp16 heads after a half-precision
+        load, issue 16.6)."""
+        return head(hidden_states.to(head.weight.dtype))
+
+    def get_image_features(self, pixel_values: torch.Tensor, output_attentions: bool | None = None,
+                           output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                           **kwargs) -> BaseModelOutputWithPooling | tuple:
+        """last_hidden_state: image tokens after ln_vision; pooler_output: `(batch, num_query_tokens, embed_dim)`
+        normalized query embeddings (ITC compares a text with each of them and keeps the maximum); hidden_states /
+        attentions: the ViT's."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            self.config.vision_config, output_attentions, output_hidden_states, return_dict
+        )
+        vision_output = self._vision_output(pixel_values, output_attentions, output_hidden_states)
+        query_output = self.get_query_output(vision_output.last_hidden_state)
+        vision_output = _with_pooler_output(
+            vision_output, F.normalize(self._project(self.vision_proj, query_output), dim=-1)
+        )
+        return vision_output if return_dict else vision_output.to_tuple()
+
+    def get_text_features(self, input_ids: torch.LongTensor, attention_mask=None, output_attentions: bool | None = None,
+                          output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                          **kwargs) -> BaseModelOutputWithPooling | tuple:
         """last_hidden_state: the Q-Former text encoder's states; pooler_output: `(batch, embed_dim)` the
-        normalized projection of [CLS]."""
-        text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        text_feat = F.normalize(self.text_proj(text_output[:, 0]), dim=-1)
-        return BaseModelOutputWithPooling(last_hidden_state=text_output, pooler_output=text_feat)
+        normalized projection of [CLS]; hidden_states / attentions: the Q-Former text encoder's."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            self.config.qformer_config, output_attentions, output_hidden_states, return_dict
+        )
+        text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        text_output = _with_pooler_output(
+            text_output, F.normalize(self._project(self.text_proj, text_output.last_hidden_state[:, 0]), dim=-1)
+        )
+        return text_output if return_dict else text_output.to_tuple()
 
     @staticmethod
     def image_text_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
@@ -605,7 +761,7 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
             attention_mask=torch.cat([query_mask, attention_mask], dim=1),
             encoder_hidden_states=image_embeds,
         ).last_hidden_state
-        return self.itm_head(output[:, : query_tokens.shape[1]]).mean(dim=1)
+        return self._project(self.itm_head, output[:, : query_tokens.shape[1]]).mean(dim=1)
 
     @torch.no_grad()
     def itm_scores(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
@@ -619,8 +775,11 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> Blip2FlanT5PretrainingOutput:
+    ) -> Blip2FlanT5PretrainingOutput | tuple:
         r"""
         return_loss: compute itc + itm + itg. `None` (the default) means "while training": a `model.train()` forward
             returns the losses, a `model.eval()` forward returns the similarity logits only (retrieval, as
@@ -644,13 +803,20 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
             return_loss = self.training
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            self.config.qformer_config, output_attentions, output_hidden_states, return_dict
+        )
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
-        image_embeds = self.get_image_embeds(pixel_values)
-        query_output = self.get_query_output(image_embeds)
-        image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
-        text_feat = self.get_text_features(input_ids, attention_mask).pooler_output
+        vision_output = self._vision_output(pixel_values, output_attentions, output_hidden_states)
+        image_embeds = vision_output.last_hidden_state
+        qformer_output = self._query_output(image_embeds, output_attentions, output_hidden_states)
+        image_feats = F.normalize(self._project(self.vision_proj, qformer_output.last_hidden_state), dim=-1)
+        text_output = self.get_text_features(input_ids, attention_mask, output_attentions, output_hidden_states, True)
+        text_feat = text_output.pooler_output
+        towers = {"vision_model_output": vision_output, "qformer_model_output": qformer_output,
+                  "text_model_output": text_output}
 
         # ITC over the global batch: local images against all texts, local texts against all images.
         shapes = _batch_shapes(input_ids)
@@ -660,9 +826,11 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
         sim_i2t = self.image_text_similarity(image_feats, text_feat_all) / self.temp
         sim_t2i = self.image_text_similarity(image_feats_all, text_feat).t() / self.temp
         if not return_loss:
-            return Blip2FlanT5PretrainingOutput(
-                logits_per_image=sim_i2t, logits_per_text=sim_t2i, image_embeds=image_feats, text_embeds=text_feat
+            output = Blip2FlanT5PretrainingOutput(
+                logits_per_image=sim_i2t, logits_per_text=sim_t2i, image_embeds=image_feats, text_embeds=text_feat,
+                **towers,
             )
+            return output if return_dict else output.to_tuple()
 
         batch = pixel_values.shape[0]
         offset = sum(batches[: _rank()])
@@ -719,7 +887,8 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
             encoder_hidden_states=image_embeds,
             text_attention="causal",
         ).last_hidden_state
-        itg_logits = self.lm_head(itg_output[:, query_tokens.shape[1] :])
+        itg_output = itg_output[:, query_tokens.shape[1] :]
+        itg_logits = self.lm_head(itg_output.to(self.lm_head.transform.dense.weight.dtype))
         itg_loss = F.cross_entropy(
             _upcast(itg_logits[:, :-1]).reshape(-1, itg_logits.shape[-1]),
             labels[:, 1:].reshape(-1),
@@ -727,7 +896,7 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
             label_smoothing=0.1,
         )
 
-        return Blip2FlanT5PretrainingOutput(
+        output = Blip2FlanT5PretrainingOutput(
             loss=itc_loss + itm_loss + itg_loss,
             itc_loss=itc_loss,
             itm_loss=itm_loss,
@@ -738,7 +907,9 @@ class Blip2FlanT5ForPretraining(Blip2FlanT5PreTrainedModel):
             itg_logits=itg_logits,
             image_embeds=image_feats,
             text_embeds=text_feat,
+            **towers,
         )
+        return output if return_dict else output.to_tuple()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -833,35 +1004,50 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
     def get_encoder(self, modality=None):
         return self.language_model.get_encoder() if modality is None else super().get_encoder(modality=modality)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, output_attentions: bool | None = None,
+                           output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                           **kwargs) -> BaseModelOutputWithPooling | tuple:
         """last_hidden_state: image tokens after ln_vision; pooler_output: the query outputs projected to T5's width
-        (`(batch, num_query_tokens, d_model)`, the soft visual prompt)."""
-        image_embeds = self.get_image_embeds(pixel_values)
-        query_output = self.get_query_output(image_embeds)
-        projection_dtype = self.language_projection.weight.dtype
-        return BaseModelOutputWithPooling(
-            last_hidden_state=image_embeds,
-            pooler_output=self.language_projection(query_output.to(projection_dtype)),
-            hidden_states=(query_output,),
+        (`(batch, num_query_tokens, d_model)`, the soft visual prompt); hidden_states / attentions: the ViT's."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            self.config.vision_config, output_attentions, output_hidden_states, return_dict
         )
+        vision_output, _ = self._image_features(pixel_values, output_attentions, output_hidden_states)
+        return vision_output if return_dict else vision_output.to_tuple()
 
-    def _encoder_inputs(self, pixel_values, input_ids, attention_mask):
-        """T5 encoder inputs_embeds and attention_mask: [projected queries, prompt embeddings]."""
-        image_features = self.get_image_features(pixel_values)
-        language_model_inputs = image_features.pooler_output
+    def _image_features(self, pixel_values, output_attentions=False, output_hidden_states=False):
+        """(vision output with the projected queries as `pooler_output`, Q-Former output over the queries)."""
+        vision_output = self._vision_output(pixel_values, output_attentions, output_hidden_states)
+        qformer_output = self._query_output(vision_output.last_hidden_state, output_attentions, output_hidden_states)
+        query_output = qformer_output.last_hidden_state
+        vision_output = _with_pooler_output(
+            vision_output, self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        )
+        return vision_output, qformer_output
+
+    def _encoder_inputs(self, pixel_values, input_ids, attention_mask, inputs_embeds=None, output_attentions=False,
+                        output_hidden_states=False):
+        """T5 encoder inputs_embeds and attention_mask: [projected queries, prompt embeddings]. The prompt comes as
+        `input_ids` or as T5 input embeddings (`inputs_embeds`)."""
+        vision_output, qformer_output = self._image_features(pixel_values, output_attentions, output_hidden_states)
+        language_model_inputs = vision_output.pooler_output
         batch = language_model_inputs.shape[0]
         embed_tokens = self.language_model.get_input_embeddings()
-        if input_ids is None:
-            # No prompt (captioning): T5's tokenizer turns the empty prompt into a lone </s>, as LAVIS feeds it.
-            input_ids = torch.full((batch, 1), self.config.text_config.eos_token_id, device=language_model_inputs.device)
-        if input_ids.shape[0] != batch:
-            raise ValueError(f"input_ids has batch {input_ids.shape[0]} but pixel_values has batch {batch}")
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("give the prompt as input_ids or as inputs_embeds, not both")
+        if inputs_embeds is None:
+            if input_ids is None:
+                # No prompt (captioning): T5's tokenizer turns the empty prompt into a lone </s>, as LAVIS feeds it.
+                input_ids = torch.full((batch, 1), self.config.text_config.eos_token_id,
+                                       device=language_model_inputs.device)
+            inputs_embeds = embed_tokens(input_ids.to(embed_tokens.weight.device))
+        if inputs_embeds.shape[0] != batch:
+            raise ValueError(f"the prompt has batch {inputs_embeds.shape[0]} but pixel_values has batch {batch}")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        prompt_embeds = embed_tokens(input_ids.to(embed_tokens.weight.device))
-        inputs_embeds = torch.cat([language_model_inputs.to(prompt_embeds.dtype), prompt_embeds], dim=1)
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        inputs_embeds = torch.cat([language_model_inputs.to(inputs_embeds.dtype), inputs_embeds], dim=1)
         query_mask = torch.ones(language_model_inputs.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
-        return image_features, inputs_embeds, torch.cat([query_mask, attention_mask], dim=1)
+        return vision_output, qformer_output, inputs_embeds, torch.cat([query_mask, attention_mask], dim=1)
 
     def forward(
         self,
@@ -871,10 +1057,23 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
         labels: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> Blip2FlanT5ForConditionalGenerationOutput:
-        image_features, inputs_embeds, encoder_attention_mask = self._encoder_inputs(
-            pixel_values, input_ids, attention_mask
+    ) -> Blip2FlanT5ForConditionalGenerationOutput | tuple:
+        r"""
+        input_ids / inputs_embeds: the prompt, as T5 token ids or T5 input embeddings (none: captioning).
+        output_attentions / output_hidden_states: the vision tower's and the Q-Former's (`vision_model_output`,
+            `qformer_model_output`) and T5's (`language_model_outputs`).
+        Other keyword arguments (`past_key_values`, `use_cache`, `decoder_inputs_embeds`, ...) go to T5.
+        """
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            self.config.text_config, output_attentions, output_hidden_states, return_dict
+        )
+        vision_output, qformer_output, inputs_embeds, encoder_attention_mask = self._encoder_inputs(
+            pixel_values, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states
         )
         kwargs.pop("num_items_in_batch", None)  # losses are means (see accepts_loss_kwargs)
         if labels is not None:
@@ -886,18 +1085,23 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
         )
-        return Blip2FlanT5ForConditionalGenerationOutput(
+        output = Blip2FlanT5ForConditionalGenerationOutput(
             loss=outputs.loss,
             logits=outputs.logits,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            image_embeds=image_features.last_hidden_state,
-            query_output=image_features.hidden_states[0],
-            language_model_inputs=image_features.pooler_output,
+            image_embeds=vision_output.last_hidden_state,
+            query_output=qformer_output.last_hidden_state,
+            language_model_inputs=vision_output.pooler_output,
             language_model_outputs=outputs,
+            vision_model_output=vision_output,
+            qformer_model_output=qformer_output,
         )
+        return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
     def generate(
@@ -905,14 +1109,17 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
         pixel_values: torch.Tensor,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Caption (no prompt) or answer (prompt such as "Question: {} Short answer:"); returns T5 decoder token ids.
 
-        Prompts of different lengths are padded on the right with their attention_mask; the answers equal those
-        obtained one image at a time.
+        The prompt comes as `input_ids` or as T5 input embeddings (`inputs_embeds`). Prompts of different lengths
+        are padded on the right with their attention_mask; the answers equal those obtained one image at a time.
         """
-        _, inputs_embeds, encoder_attention_mask = self._encoder_inputs(pixel_values, input_ids, attention_mask)
+        _, _, inputs_embeds, encoder_attention_mask = self._encoder_inputs(
+            pixel_values, input_ids, attention_mask, inputs_embeds
+        )
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask, **generate_kwargs
         )
