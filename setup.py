@@ -14,6 +14,7 @@ NAMESPACE_MAP = {
     "conversion": "hf_vlm.conversion",
     "trainers": "hf_vlm.trainers",
     "model_cards": "hf_vlm.model_cards",
+    "spaces": "hf_vlm.spaces",  # the Space folder (app, README, requirements, example photos) as package data
 }
 
 packages = []

@@ -10,7 +10,10 @@ Models come from environment variables, never from the UI (a visitor cannot make
     (unset)                     the `make demo` checkpoints: $HF_VLM_DEMO_DIR/checkpoints/{blip2,coca},
                                 HF_VLM_DEMO_DIR defaulting to ./.demo (see `demo_checkpoint`)
 
-They are loaded once, in bf16 on a GPU when one is available, in fp32 on the CPU. Each model decodes as its
+They are loaded once, in bf16 on a GPU when one is available, on the CPU in fp32, or in bf16 with
+HF_VLM_CPU_DTYPE=bfloat16 (half the memory: BLIP-2-FlanT5-XL takes ~7.9 GB instead of ~15.8 GB; the pushed Space sets
+it). On ZeroGPU hardware the model calls run under `spaces.GPU` (`on_gpu`; a no-op where the `spaces` package is not
+installed). Each model decodes as its
 checkpoint recommends (generation_config.json; BLIP-2's captions: caption_generation_config.json) unless a visitor
 chooses greedy, beam search or sampling.
 """
@@ -39,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 BLIP2_ENV = "HF_VLM_BLIP2"
 COCA_ENV = "HF_VLM_COCA"
+CPU_DTYPE_ENV = "HF_VLM_CPU_DTYPE"  # float32 (default) or bfloat16: the low-memory CPU path
+CPU_DTYPES = ("float32", "bfloat16")
+GPU_SECONDS = 60  # ZeroGPU: the longest a model call may hold the GPU (`spaces.GPU(duration=...)`)
 DEMO_DIR_ENV = "HF_VLM_DEMO_DIR"
 DEFAULT_DEMO_DIR = ".demo"
 
@@ -135,12 +141,26 @@ class SpaceModels:
 
 
 def device_and_dtype():
-    """bf16 on a GPU (FlanT5 must not run in fp16), fp32 on the CPU."""
+    """bf16 on a GPU (FlanT5 must not run in fp16); on the CPU fp32, or bf16 when HF_VLM_CPU_DTYPE=bfloat16."""
     import torch
 
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+    cpu_dtype = os.environ.get(CPU_DTYPE_ENV, "").strip() or "float32"
+    if cpu_dtype not in CPU_DTYPES:
+        raise ModelLoadError(f"{CPU_DTYPE_ENV}={cpu_dtype!r}: choose one of {', '.join(CPU_DTYPES)}")
+    return torch.device("cpu"), getattr(torch, cpu_dtype)
+
+
+def on_gpu(fn):
+    """`fn` run under ZeroGPU's `spaces.GPU` when the `spaces` package is importable (on Hugging Face Spaces),
+    unchanged otherwise. ZeroGPU attaches a GPU only while such a function runs."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    gpu = getattr(spaces, "GPU", None)  # run from a checkout's root, `import spaces` finds the spaces/ folder
+    return gpu(duration=GPU_SECONDS)(fn) if gpu is not None else fn
 
 
 class ModelLoadError(RuntimeError):
@@ -348,6 +368,7 @@ def _require(loaded: LoadedModel | None, title: str, env_var: str) -> LoadedMode
     return loaded
 
 
+@on_gpu
 def _generate_text(loaded: LoadedModel, image: Image.Image, prompt: str | None, gen_kwargs: dict) -> str:
     """One decoded generation for `image`; `prompt` (BLIP-2's VQA question) or None (a caption), decoded as the
     checkpoint recommends for that task with the visitor's `gen_kwargs` on top."""
@@ -364,6 +385,7 @@ def _generate_text(loaded: LoadedModel, image: Image.Image, prompt: str | None, 
     return loaded.processor.batch_decode(token_ids, skip_special_tokens=True)[0].strip()
 
 
+@on_gpu
 def _logits_per_image(loaded: LoadedModel, images: list, texts: list[str]):
     """CoCa's scaled image-text similarities, [len(images), len(texts)], in fp32."""
     import torch
@@ -447,12 +469,20 @@ class SpaceApp:
 
 
 # --------------------------------------------------------------------------------------------------
-# Examples: drawn at startup (no files to ship, nothing downloaded)
+# Examples: public-domain / CC0 photographs shipped with the package (spaces/examples/, licences in LICENSES.md
+# there), then synthetic scenes drawn at startup (the `make demo` models' test distribution)
 # --------------------------------------------------------------------------------------------------
 
 EXAMPLE_SCENES = 3
 EXAMPLE_DISPLAY_SIZE = 256
 EXAMPLE_QUESTION_KINDS = ("color", "count", "yes/no")
+# file in spaces/examples/ -> (caption, question); from scikit-image's sample data (see LICENSES.md)
+EXAMPLE_PHOTOS = {
+    "cat.jpg": ("a cat lying on a wooden floor", "what animal is this?"),
+    "coffee.jpg": ("a cup of coffee on a saucer", "what is in the cup?"),
+    "rocket.jpg": ("a rocket lifting off from a launch pad", "what is taking off?"),
+}
+PHOTO_LABELS = "cat, dog, cup of coffee, rocket, car"
 
 
 @dataclass
@@ -463,16 +493,34 @@ class Example:
     labels: str
 
 
+def photos_folder() -> Path | None:
+    """spaces/examples/ as installed (package data of the wheel: hf_vlm/spaces/examples) or in the checkout."""
+    from importlib.resources import files
+
+    try:
+        folder = Path(str(files("hf_vlm.spaces") / "examples"))
+    except ModuleNotFoundError:  # an editable install made before spaces/ was package data
+        folder = Path(__file__).resolve().parents[1] / "spaces" / "examples"
+    return folder if folder.is_dir() else None
+
+
 def write_examples(folder: str | Path) -> list[Example]:
-    """Held-out synthetic scenes (the `make demo` models' test distribution), drawn at their training size
-    and enlarged without interpolation so that the processor sees the same pixels and visitors see shapes."""
+    """The example photographs (copied into `folder`, where gradio serves files from), then held-out synthetic
+    scenes drawn at their training size and enlarged without interpolation so that the processor sees the same
+    pixels and visitors see shapes."""
+    import shutil
+
     from hf_vlm import scenes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    examples = []
+    photos = photos_folder()
+    for name, (caption, question) in EXAMPLE_PHOTOS.items() if photos else ():
+        path = Path(shutil.copy(photos / name, folder / name))
+        examples.append(Example(str(path), caption, question, PHOTO_LABELS))
     config = scenes.SceneConfig()
     labels = ", ".join(config.class_names())
-    examples = []
     for index in range(EXAMPLE_SCENES):
         scene = scenes.sample_scene(scenes.scene_seed("test", index), config)
         image = scene.render(config.colors).resize((EXAMPLE_DISPLAY_SIZE,) * 2, Image.Resampling.NEAREST)

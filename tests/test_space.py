@@ -196,6 +196,44 @@ def test_space_readme_has_the_front_matter_the_hub_reads():
     assert card.license == "apache-2.0"
     assert len(card.models) == 2 and all("/" in model for model in card.models)
     assert {"image-captioning", "visual-question-answering", "zero-shot-image-classification"} <= set(card.tags)
+    assert card.suggested_hardware == "zero-a10g" and card.preload_from_hub == card.models
+
+
+def test_model_calls_run_under_spaces_gpu_where_the_spaces_package_is_installed(monkeypatch):
+    """ZeroGPU: `spaces.GPU` wraps the model calls when importable; elsewhere (and with a checkout's spaces/ folder
+    on the path, which has no GPU) the functions are left as they are."""
+    import sys
+    import types
+
+    def model_call():
+        return "ran"
+
+    assert space.on_gpu(model_call) is model_call  # here `import spaces` is this repository's folder, or nothing
+    wrapped = []
+    fake = types.ModuleType("spaces")
+    fake.GPU = lambda duration: lambda fn: wrapped.append((fn, duration)) or (lambda: "on a GPU: " + fn())
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    assert space.on_gpu(model_call)() == "on a GPU: ran" and wrapped == [(model_call, space.GPU_SECONDS)]
+
+
+def test_the_low_memory_cpu_path_loads_bfloat16_weights(tiny_checkpoints, monkeypatch):
+    import torch
+
+    monkeypatch.setenv(space.CPU_DTYPE_ENV, "bfloat16")
+    assert space.device_and_dtype() == (torch.device("cpu"), torch.bfloat16)
+    assert space.load_models(coca=str(tiny_checkpoints["coca"])).coca.dtype == torch.bfloat16
+    monkeypatch.setenv(space.CPU_DTYPE_ENV, "float16")
+    with pytest.raises(space.ModelLoadError, match="HF_VLM_CPU_DTYPE='float16': choose one of float32, bfloat16"):
+        space.device_and_dtype()
+
+
+def test_the_examples_are_licensed_photographs_then_scenes(tmp_path):
+    examples = space.write_examples(tmp_path)
+    photos = [Path(e.image_path).name for e in examples[:len(space.EXAMPLE_PHOTOS)]]
+    assert photos == list(space.EXAMPLE_PHOTOS) and len(examples) == len(photos) + space.EXAMPLE_SCENES
+    licences = (space.photos_folder() / "LICENSES.md").read_text()
+    assert all(name in licences for name in photos) and "CC0" in licences and "public domain" in licences
+    assert all(Image.open(e.image_path).size[0] >= 256 for e in examples)
 
 
 def test_space_requirements_install_hf_vlm_and_the_tested_gradio():

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 # repository folder -> where setup.py installs it
 PACKAGE_FOLDERS = {"hf_vlm": "hf_vlm", "modeling": "hf_vlm/modeling", "conversion": "hf_vlm/conversion",
-                   "trainers": "hf_vlm/trainers", "model_cards": "hf_vlm/model_cards"}
+                   "trainers": "hf_vlm/trainers", "model_cards": "hf_vlm/model_cards", "spaces": "hf_vlm/spaces"}
 
 
 @pytest.fixture(scope="module")
