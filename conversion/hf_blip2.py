@@ -34,6 +34,7 @@ RENAMES = [  # transformers BLIP-2 key -> ours (anything not listed: leftover, a
     (r"(language_model\..+)", r"\1"),  # transformers' own T5
 ]
 QKV_BIAS = r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias"
+SHARED, LM_HEAD = "language_model.shared.weight", "language_model.lm_head.weight"
 
 DROPS = [
     # Older checkpoints store T5's tied embedding copies; from_pretrained ties them to shared.weight again.
@@ -54,13 +55,19 @@ def split_qkv_bias(bias):
     return q_bias, v_bias
 
 
-def blip2_rules(source_keys, drops=DROPS):
+def blip2_rules(source_keys, drops=DROPS, copy_tied_lm_head: bool = False):
+    """Rules for every kept source key. `copy_tied_lm_head`: the source ties T5's lm_head to `shared` (its file holds
+    no lm_head) while our model has a separate one: `shared` fills both."""
     import re
 
     from hf_vlm.conversion.core import Rule, rules_from_table
 
     kept = [k for k in source_keys if not any(d.matches(k) for d in drops)]
-    rules = rules_from_table([k for k in kept if not re.fullmatch(QKV_BIAS, k)], RENAMES)
+    rules = []
+    if copy_tied_lm_head:
+        kept.remove(SHARED)
+        rules.append(Rule((SHARED,), (SHARED, LM_HEAD), lambda shared: (shared, shared.clone())))
+    rules += rules_from_table([k for k in kept if not re.fullmatch(QKV_BIAS, k)], RENAMES)
     for key in kept:
         match = re.fullmatch(QKV_BIAS, key)
         if match:
@@ -150,7 +157,13 @@ def convert(source, output, *, tokenizer: str | None = None, dtype: str = "float
     config = blip2_flant5_config_from_hf(hf_config)
     model = build_meta_model(Blip2FlanT5ForConditionalGeneration, config)
     processor = load_processor(source, tokenizer, config.vision_config.image_size)
-    return convert_checkpoint(reader, blip2_rules(reader.keys()), DROPS, model, output, dtype=dtype,
+    # transformers 5.23 builds T5 with lm_head tied to `shared` (T5Config forces tie_word_embeddings) and saves no
+    # lm_head; its output scaling stays what the config says (scale_decoder_outputs False for FlanT5-style configs).
+    # Our model then keeps a separate lm_head, equal to `shared`: the same computation.
+    copy_tied_lm_head = (LM_HEAD not in reader.keys() and SHARED in reader.keys() and not config.lm_head_is_tied
+                         and getattr(hf_config.text_config, "tie_word_embeddings", False))
+    rules = blip2_rules(reader.keys(), copy_tied_lm_head=copy_tied_lm_head)
+    return convert_checkpoint(reader, rules, DROPS, model, output, dtype=dtype,
                               max_shard_size=max_shard_size, overwrite=overwrite, processor=processor,
                               progress=progress)
 

@@ -128,6 +128,31 @@ def test_tiny_logits_and_greedy_captions_and_answers_match_transformers(tiny):
     assert_parity(compare(reference, converted, *_inputs()))
 
 
+@pytest.mark.parametrize("scale_decoder_outputs", [False, True])
+def test_a_blip2_saved_with_t5s_tied_lm_head_converts_with_parity(tmp_path, t5_tokenizer_dir, scale_decoder_outputs):
+    """Issue 16.10: `Blip2ForConditionalGeneration` built from a config (transformers 5.23 ties T5's lm_head to
+    `shared`) saves no `language_model.lm_head.weight`. Converted from its config as written: FlanT5-style
+    (`tie_word_embeddings=False`, which T5Config turns into `scale_decoder_outputs=False` and a tied head) and
+    original-T5 style (tied and scaled); the converted model computes what the source does."""
+    from transformers import AutoModel, Blip2Config, Blip2ForConditionalGeneration, T5Config
+
+    from hf_vlm.conversion.hf_blip2 import convert
+
+    t5 = dict(TINY_T5) if not scale_decoder_outputs else {k: v for k, v in TINY_T5.items() if k != "tie_word_embeddings"}
+    config = Blip2Config(vision_config=TINY_VISION, qformer_config=TINY_QFORMER, text_config=T5Config(**t5).to_dict(),
+                         num_query_tokens=8, image_token_index=95)
+    reference = randomize_(Blip2ForConditionalGeneration(config), seed=3)
+    assert reference.language_model.lm_head.weight is reference.language_model.shared.weight
+    assert reference.config.text_config.scale_decoder_outputs is scale_decoder_outputs
+    reference.save_pretrained(tmp_path / "transformers")
+    for path in t5_tokenizer_dir.iterdir():
+        shutil.copy(path, tmp_path / "transformers" / path.name)
+    convert(tmp_path / "transformers", tmp_path / "converted", progress=False)
+    converted = AutoModel.from_pretrained(tmp_path / "converted").eval()
+    assert converted.config.text_config.scale_decoder_outputs is scale_decoder_outputs
+    assert_parity(compare(reference, converted, *_inputs()))
+
+
 def test_converted_blip2_loads_with_trust_remote_code_without_hf_vlm(tiny, tmp_path):
     reference, root, _ = tiny
     pixel_values, prompt, mask = _inputs()
