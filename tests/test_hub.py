@@ -423,3 +423,35 @@ def test_pushed_cards_hold_the_hub_metadata(published):
                     "zero-shot": "zero-shot-image-classification"}
         assert {(task_ids[t], m): v for (t, m), v in expected.items()} == {k: r.metric_value for k, r in found.items()}
         assert all((r.dataset_name, r.dataset_split) == ("scenes", "test") for r in found.values())
+
+
+def test_every_python_block_of_the_pushed_cards_runs_in_a_fresh_venv_without_hf_vlm(published, tmp_path):
+    """What a reader of the card does: a virtualenv with the packages the card's install line names and no hf-vlm
+    (tests/wheel_env.py: the project venv's packages, its editable hf-vlm not active), each block as written."""
+    from wheel_env import clean_env, make_venv
+
+    python = make_venv(tmp_path / "venv")
+    (tmp_path / "example.jpg").write_bytes((published["root"] / "example.jpg").read_bytes())
+    assert subprocess.run([str(python), "-c", "import hf_vlm"], cwd=tmp_path, env=clean_env(),
+                          capture_output=True).returncode != 0
+    for repo_id, card in published["cards"].items():
+        assert 'pip install torch torchvision "transformers>=5.23" timm pillow' in card
+        assert "pip install hf-vlm`" not in card and "brief" not in card.lower()
+        blocks = _snippets(card)
+        assert len(blocks) == 2 and all("trust_remote_code=True" in block for block in blocks)
+        for index, block in enumerate(blocks):
+            env = clean_env(**published["env"], HF_HOME=str(tmp_path / "home"))
+            result = subprocess.run([str(python), "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                                    text=True, timeout=600)
+            assert result.returncode == 0, f"{repo_id} block {index}:\n{block}\n{result.stderr[-3000:]}"
+
+
+def test_cards_name_only_task_ids_the_hub_has(published):
+    """pipeline_tag and every model-index task type are Hub task ids (huggingface_hub's own list of them)."""
+    hub_tasks = {"image-to-text", "image-text-to-text", "visual-question-answering", "zero-shot-image-classification",
+                 "image-feature-extraction", "image-classification", "feature-extraction"}
+    for text in published["cards"].values():
+        data = ModelCard(text).data
+        assert data.pipeline_tag in hub_tasks
+        for entry in data.eval_results or []:
+            assert entry.task_type in hub_tasks, entry.task_type

@@ -35,7 +35,7 @@ def test_blip2_flan_t5_xl_card_states_the_computed_parameter_count_and_the_brief
     text = str(card)
 
     assert f"**{expected:,}**" in text
-    assert "The project brief states 13.7 billion parameters; the count above is computed" in text
+    assert "The stated figure for this model is 13.7 billion parameters; the count above is computed" in text
     for fact in ("ViT-g/14 from EVA-CLIP, pretrained on LAION-2B", "Q-Former", "FlanT5-XL",
                  "CC3M, CC12M, SBU and a filtered subset of LAION-400M", "224x224 with random crop and normalization",
                  "FlanT5 SentencePiece tokenizer", "AdamW", "linear warmup over 10,000 steps to a peak of 1e-4",
@@ -86,7 +86,7 @@ def test_coca_large_v2_card_holds_the_brief_facts_and_agrees_on_vocab_and_image_
     assert "- **Hours used:** over 12,000 GPU-hours (about 4 weeks of training)" in text
     assert "- **Compute Region:** United States" in text
     # The brief's vocabulary, image size and text length agree with the checkpoint: no discrepancy is reported.
-    assert "the project brief states" not in text
+    assert "the stated figure for this model" not in text
     assert "| vocabulary (`text_config.vocab_size`) | 32,000 |" in text
     assert "| image size | 224x224 |" in text
     data = ModelCard(text).data
@@ -140,8 +140,8 @@ def test_eval_results_are_read_tolerantly_and_skips_are_counted(tmp_path):
     assert got == {
         ("image-to-text", "cider"): (1.25, "coco", "val"),
         ("image-to-text", "bleu4"): (0.5, "coco", "val"),
-        ("image-text-retrieval", "image_to_text/r@1"): (0.5, "coco", "val"),
-        ("image-text-retrieval", "image_to_text/r@5"): (1.0, "coco", "val"),
+        ("image-feature-extraction", "image_to_text/r@1"): (0.5, "coco", "val"),
+        ("image-feature-extraction", "image_to_text/r@5"): (1.0, "coco", "val"),
         ("visual-question-answering", "accuracy"): (0.625, "VQAv2", "val"),
         ("zero-shot-image-classification", "top5"): (0.875, "unspecified", None),
     }
@@ -168,7 +168,7 @@ def test_card_command_writes_a_readme_with_model_index(tmp_path, capsys):
     assert data.base_model == ["org/blip2-base"]
     assert [(r.task_type, r.metric_type, r.metric_value) for r in data.eval_results] == [
         ("visual-question-answering", "accuracy", 0.5)]
-    assert 'from_pretrained("org/blip2-tiny")' in output.read_text()
+    assert 'from_pretrained("org/blip2-tiny", trust_remote_code=True)' in output.read_text()
 
 
 def test_card_command_errors_name_the_problem(tmp_path, capsys):

@@ -287,7 +287,8 @@ EVAL_TASKS = {
     "zero-shot": ("zero-shot-image-classification", "Zero-shot image classification"),
     "zero_shot": ("zero-shot-image-classification", "Zero-shot image classification"),
     "zeroshot": ("zero-shot-image-classification", "Zero-shot image classification"),
-    "retrieval": ("image-text-retrieval", "Image-text retrieval"),
+    # The Hub has no retrieval task id: retrieval ranks CoCa's image and text features.
+    "retrieval": ("image-feature-extraction", "Image-text retrieval"),
 }
 METRIC_NAMES = {"cider": "CIDEr", "bleu4": "BLEU-4", "bleu-4": "BLEU-4", "bleu_4": "BLEU-4", "accuracy": "Accuracy",
                 "top1": "Top-1 accuracy", "top5": "Top-5 accuracy", "meteor": "METEOR", "rouge_l": "ROUGE-L",
@@ -420,7 +421,7 @@ def _parameters_section(facts: CheckpointFacts, family: dict, comparisons: list[
         lines += [f"| {stage} | {count:,} |" for stage, count in facts.trainable_by_stage.items()]
     for row in comparisons:
         if row["what"] == "parameters" and not row["agrees"]:
-            lines += ["", f"The project brief states {row['stated']}; the count above is computed from the "
+            lines += ["", f"The stated figure for this model is {row['stated']}; the count above is computed from the "
                           f"checkpoint ({facts.parameters:,}) and is the one to use."]
     return "\n".join(lines)
 
@@ -449,7 +450,7 @@ def _checkpoint_section(facts: CheckpointFacts, comparisons: list[dict]) -> str:
     differing = [r for r in comparisons if not r["agrees"] and r["what"] != "parameters"]
     if differing:
         lines.append("")
-        lines += [f"- {r['what']}: this checkpoint has {r['computed']:,}; the project brief states {r['stated']}."
+        lines += [f"- {r['what']}: this checkpoint has {r['computed']:,}; the stated figure for this model is {r['stated']}."
                   for r in differing]
     return "\n".join(lines)
 
