@@ -185,13 +185,62 @@ class ShardedSafetensorsWriter:
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any reading) when OUTPUT exists and --overwrite was not given."""
+    """Fail early (before any reading) when OUTPUT exists and --overwrite was not given, or when its folder cannot be
+    written."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} already exists; pass --overwrite (overwrite=True) to replace it")
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"{output} exists and is not a folder")
+    parent = output.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot write {output}: {parent} is not writable")
     return output
+
+
+def _incomplete_prefix(output: Path) -> str:
+    return f".{output.name}.incomplete-"
+
+
+def remove_leftovers(output: Path) -> list[Path]:
+    """Remove the temporary folders of earlier conversions to `output` that were killed (SIGKILL, power loss) before
+    they could clean up; each is named on stderr with its size. A folder whose process still runs on this machine is
+    left alone (and named). Their names carry the host and the process id that wrote them."""
+    import socket
+    import sys
+
+    removed = []
+    host = socket.gethostname()
+    for leftover in sorted(output.parent.glob(_incomplete_prefix(output) + "*")):
+        owner = leftover.name[len(_incomplete_prefix(output)):]  # HOST-PID-random (mkdtemp's random has no "-")
+        size = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file())
+        if owner.startswith(host + "-"):
+            pid = owner[len(host) + 1:].split("-")[0]
+            if pid.isdigit() and _process_alive(int(pid)):
+                print(f"hf-vlm convert: {leftover} belongs to a conversion that is still running (pid {pid}); "
+                      "left alone", file=sys.stderr)
+                continue
+        elif "-" in owner:
+            print(f"hf-vlm convert: {leftover} ({size / 2**20:.1f} MiB) was written on another machine "
+                  f"({owner.rsplit('-', 2)[0]}); delete it once no conversion there writes it", file=sys.stderr)
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+        print(f"hf-vlm convert: removed {leftover} ({size / 2**20:.1f} MiB), left by an interrupted conversion",
+              file=sys.stderr)
+        removed.append(leftover)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -218,9 +267,17 @@ def atomic_output_dir(output: str | Path, overwrite: bool = False):
     On any exception (Ctrl-C and SIGTERM included) the temporary folder is deleted and `output` is
     untouched. Its hidden `.NAME.incomplete-*` name and its missing config.json (written last) keep a
     folder left by SIGKILL from ever being mistaken for a checkpoint."""
+    import socket
+
     output = check_output(output, overwrite).absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.incomplete-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(output)
+        # host and pid in the name: a later run can tell a killed conversion's folder from a running one's
+        prefix = f"{_incomplete_prefix(output)}{socket.gethostname()}-{os.getpid()}-"
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
+    except OSError as err:  # a read-only or full file system, a folder of another user
+        raise ConversionError(f"cannot write {output}: {err.strerror or err} ({err.filename or output.parent})") from err
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become OUTPUT's mode

@@ -72,3 +72,31 @@ def registered_model_types() -> list[str]:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     return sorted(t for t in _registered if t in CONFIG_MAPPING)
+
+
+def load_config(checkpoint):
+    """`AutoConfig.from_pretrained(checkpoint)` with errors that name the file: a local folder without a readable
+    config.json, or whose `model_type` neither hf-vlm nor transformers knows (transformers would instead ask to run
+    the folder's custom code, or call itself out of date; issue 16.11)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    register_all()
+    folder = Path(checkpoint)
+    if folder.is_dir():
+        path = folder / "config.json"
+        try:
+            model_type = json.loads(path.read_text()).get("model_type")
+        except FileNotFoundError:
+            raise ValueError(f"{folder} is not a model checkpoint: it has no config.json") from None
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"{path} is not a readable model config ({err})") from err
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(
+                f"{path}: model_type {model_type!r} is not a model type hf-vlm knows "
+                f"({', '.join(sorted(f.model_type for f in FAMILIES))}) nor one of transformers' own"
+            )
+    return AutoConfig.from_pretrained(checkpoint)

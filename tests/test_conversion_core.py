@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -518,3 +519,45 @@ def test_sigkill_mid_conversion_leaves_no_output_and_no_loadable_folder(upstream
     assert written and all(name.endswith(".safetensors") for name in written)  # killed while writing weights
     with pytest.raises((OSError, ValueError)):
         AutoModelForCausalLM.from_pretrained(leftover)
+
+
+def _convert(upstream_file, output):
+    reader = open_checkpoint(upstream_file)
+    model = tiny_gpt2()
+    return convert_checkpoint(reader, upstream_rules(reader.keys()), UPSTREAM_DROPS,
+                              build_meta_model(type(model), model.config), output, progress=False)
+
+
+def test_a_rerun_removes_what_a_killed_conversion_left_and_names_it(upstream_file, tmp_path, capsys):
+    """Issue 16.12: the hidden folder a SIGKILLed conversion leaves (gigabytes at full size) is removed by the next
+    conversion to the same OUTPUT, which names it; a folder whose process still runs is left alone."""
+    code = _KILLED_CONVERSION.format(tests=os.path.dirname(__file__), source=str(upstream_file),
+                                     output=str(tmp_path / "out"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    [killed] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.incomplete-")]
+    running = tmp_path / f".out.incomplete-{socket.gethostname()}-{os.getpid()}-abc123"  # this process: alive
+    running.mkdir()
+    _convert(upstream_file, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert f"removed {killed}" in err and "interrupted conversion" in err and not killed.exists()
+    assert f"{running} belongs to a conversion that is still running" in err and running.exists()
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_an_unwritable_output_folder_is_a_one_line_error(upstream_file, tmp_path, monkeypatch, capsys):
+    """Issue 16.12: a read-only OUTPUT parent gave a raw PermissionError traceback; now `hf-vlm convert` prints one
+    line naming the folder (as root, permissions do not stop us: the operating system's refusal is simulated)."""
+    import tempfile
+
+    from hf_vlm.conversion import writer
+
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(ConversionError, match=f"cannot write {tmp_path / 'out'}: Permission denied \\({tmp_path}\\)"):
+        _convert(upstream_file, tmp_path / "out")
+    monkeypatch.setattr(writer.os, "access", lambda path, mode: False)
+    with pytest.raises(ConversionError, match=f"{tmp_path} is not writable"):
+        writer.check_output(tmp_path / "new" / "out", overwrite=False)

@@ -521,11 +521,11 @@ def _require(items, task: str, data: EvalData, what: str) -> None:
 def load_model(checkpoint: str, device: str | None = None):
     """Model + processor of a checkpoint folder or Hub id, via the Auto classes (after `import hf_vlm`)."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-    import hf_vlm  # noqa: F401  (registers our model types)
+    from hf_vlm.registration import load_config
 
-    config = AutoConfig.from_pretrained(checkpoint)
+    config = load_config(checkpoint)  # errors name the file (registers our model types first)
     auto = AutoModelForImageTextToText if config.model_type == "blip2_flant5" else AutoModel
     model = auto.from_pretrained(checkpoint)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

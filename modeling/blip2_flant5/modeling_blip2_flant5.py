@@ -483,8 +483,14 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except Exception as err:
+            named = _name_unreadable_weights(err, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+            if named is err:
+                raise
+            raise named from err
         # Loading replaces the parameters, and with them requires_grad: freeze again afterwards.
-        loaded = super().from_pretrained(*args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded)._apply_freezing()
         return loaded
 
@@ -572,6 +578,28 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states or sub_config.output_hidden_states
         return output_attentions, output_hidden_states, self.config.return_dict if return_dict is None else return_dict
+
+
+def _name_unreadable_weights(error: Exception, source) -> Exception:
+    """An error for weights that cannot be read, naming the file: safetensors' own message names none (a truncated
+    download or copy, issue 16.11). `error` itself when it is another kind of error."""
+    if type(error).__name__ != "SafetensorError":
+        return error
+    import os
+
+    from safetensors import safe_open
+
+    broken = []
+    if source is not None and os.path.isdir(source):
+        for name in sorted(os.listdir(source)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(source, name), "pt"):
+                        pass
+                except Exception:  # any failure to open names the file
+                    broken.append(os.path.join(source, name))
+    where = ", ".join(broken) if broken else f"a safetensors file of {source}"
+    return OSError(f"{where} cannot be read ({error}); the file is incomplete or damaged: download or save it again")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -451,6 +451,28 @@ class CocaMultimodalDecoder(nn.Module):
                 self_attentions and tuple(self_attentions), cross_attentions and tuple(cross_attentions))
 
 
+def _name_unreadable_weights(error: Exception, source) -> Exception:
+    """An error for weights that cannot be read, naming the file: safetensors' own message names none (a truncated
+    download or copy, issue 16.11). `error` itself when it is another kind of error."""
+    if type(error).__name__ != "SafetensorError":
+        return error
+    import os
+
+    from safetensors import safe_open
+
+    broken = []
+    if source is not None and os.path.isdir(source):
+        for name in sorted(os.listdir(source)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(source, name), "pt"):
+                        pass
+                except Exception:  # any failure to open names the file
+                    broken.append(os.path.join(source, name))
+    where = ", ".join(broken) if broken else f"a safetensors file of {source}"
+    return OSError(f"{where} cannot be read ({error}); the file is incomplete or damaged: download or save it again")
+
+
 # ----------------------------------------------------------------------------------------------- pretrained base
 class CocaPreTrainedModel(PreTrainedModel):
     config_class = CocaConfig
@@ -485,6 +507,16 @@ class CocaPreTrainedModel(PreTrainedModel):
                 init.normal_(param, std=1e-6 if "token" in name else 0.02)
         elif isinstance(module, CocaModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        except Exception as err:
+            named = _name_unreadable_weights(err, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+            if named is err:
+                raise
+            raise named from err
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `register_for_auto_class` maps one Auto class; CoCa also serves these two pipelines' Auto classes.
