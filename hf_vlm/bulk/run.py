@@ -291,7 +291,8 @@ def run_bulk(task, source: str, output, *, split: str | None = None, batch_size:
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     dataset = _torch_dataset(shards, todo, task.prepare, batch_size, task.needs_image, task.needs_text)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(num_workers, len(todo)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(num_workers, len(todo)),
+                                         pin_memory=str(task.device).startswith("cuda"))
     pending: dict[int, list] = {}
     started, images, skipped, finished = time.perf_counter(), 0, 0, 0
     bar = _progress_bar(task.name, rank, world, len(todo))
