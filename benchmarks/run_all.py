@@ -32,6 +32,7 @@ def plan(args) -> list[list[str]]:
                 ["benchmarks.bench_blip2", "--layers", "4", *common],
                 ["benchmarks.bench_conversion", "--out", str(args.out)],
                 ["benchmarks.flops", "--out", str(args.out)],
+                ["benchmarks.bench_bulk", "--layers", "4", "--images", "64", *common],
                 *loader]
     cheap = ["--layers", "2", "--repeats", "2", "--budget-s", "5"]
     return [
@@ -40,6 +41,8 @@ def plan(args) -> list[list[str]]:
         ["benchmarks.bench_coca", *cheap, *common],
         ["benchmarks.bench_blip2", *cheap, *common],
         ["benchmarks.bench_conversion", "--repeats", "1", "--out", str(args.out)],
+        # hf-vlm caption vs the transformers.pipeline loop: one batch of 16 JPEGs, beam search and greedy.
+        ["benchmarks.bench_bulk", "--layers", "2", "--images", "16", "--repeats", "1", *common],
         *loader,
     ]
 
