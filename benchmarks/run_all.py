@@ -41,7 +41,9 @@ def plan(args) -> list[list[str]]:
         ["benchmarks.bench_coca", *cheap, *common],
         ["benchmarks.bench_blip2", *cheap, *common],
         ["benchmarks.bench_conversion", "--repeats", "1", "--out", str(args.out)],
-        # hf-vlm caption vs the transformers.pipeline loop: one batch of 16 JPEGs, beam search and greedy.
+        # hf-vlm caption vs the transformers.pipeline loop, beam search and greedy: tiny models on 32 JPEGs, real
+        # widths on one batch of 16.
+        ["benchmarks.bench_bulk", "--tiny", "--images", "32", *common],
         ["benchmarks.bench_bulk", "--layers", "2", "--images", "16", "--repeats", "1", *common],
         *loader,
     ]
