@@ -419,7 +419,15 @@ def test_a_sigkilled_run_restarted_with_the_same_command_ends_with_the_uninterru
     assert killed == uninterrupted
     assert killed["key"] == [f"g{i:03d}" for i in range(SHARDS * PER_SHARD)]  # one row per sample
     assert _summary(out)["rows"] == SHARDS * PER_SHARD
-    assert not [p for p in out.rglob(".*.tmp-*")]  # no temporary file was left behind where a rerun finished
+    assert not list(out.rglob(".*.tmp*"))  # no temporary file is left behind
+
+    # A shard file that lost its recorded size, and a shard killed between its files' rename and its record: both are
+    # done again by the same command, and only they.
+    (out / "captions" / "00001.parquet").write_bytes(b"cut short")
+    (out / "progress" / "00002.json").unlink()
+    untouched = (out / "captions" / "00000.parquet").stat().st_mtime_ns
+    assert main(args) == 0
+    assert _captions(out) == uninterrupted and (out / "captions" / "00000.parquet").stat().st_mtime_ns == untouched
     (shards / "go").unlink()
     (shards / "reads.log").unlink()
 

@@ -174,11 +174,13 @@ def _torch_dataset(*args, **kwargs):
 # ------------------------------------------------------------------------------------------------ output
 
 
-def write_atomically(path: Path, write) -> int:
-    """`write(file)` into a hidden temporary file next to `path`, fsync, rename; returns the size. The temporary
-    name is unique to `path` (one process writes a given shard's files) and never matches `*.npy` / `*.parquet`."""
+def write_atomically(path: Path, write, *, shared: bool = False) -> int:
+    """`write(file)` into a hidden temporary file next to `path`, fsync, rename; returns the size. The temporary name
+    never matches `*.npy` / `*.parquet`. A shard's files are written by one process at a time, under the same
+    temporary name on every attempt (a killed attempt's is overwritten, then renamed away); files every rank may write
+    (`shared`: run.json, summary.json) get the process id in it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp" + (f"-{os.getpid()}" if shared else ""))
     with open(tmp, "wb") as handle:
         write(handle)
         handle.flush()
@@ -187,8 +189,9 @@ def write_atomically(path: Path, write) -> int:
     return path.stat().st_size
 
 
-def _write_json(path: Path, value) -> None:
-    write_atomically(path, lambda f: f.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode()))
+def _write_json(path: Path, value, shared: bool = False) -> None:
+    write_atomically(path, lambda f: f.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode()),
+                     shared=shared)
 
 
 class Output:
@@ -239,7 +242,7 @@ class Output:
         if self.folder.is_dir() and any(self.folder.iterdir()):
             raise ValueError(f"{self.folder} is not empty and holds no {RUN_FILE}: not the output of an hf-vlm "
                              f"{settings.get('command')} run; choose another --output")
-        _write_json(path, settings)
+        _write_json(path, settings, shared=True)
 
     def write_summary_if_complete(self, settings: dict) -> dict | None:
         """summary.json from every shard's record, when all are done (else None: another process will)."""
@@ -257,7 +260,7 @@ class Output:
             "skipped_samples": [skip for record in records for skip in record["skipped"]],
             "outputs": [name for record in records for name in record["files"]],
         }
-        _write_json(self.folder / SUMMARY_FILE, summary)
+        _write_json(self.folder / SUMMARY_FILE, summary, shared=True)
         return summary
 
 

@@ -73,7 +73,9 @@ def register(subparsers) -> None:
     caption = subparsers.add_parser(
         "caption", help="caption (or answer a prompt about) every image of a dataset; optional CoCa reranking",
         description="Caption every image of SOURCE with a CoCa or BLIP-2 checkpoint into OUTPUT/captions/*.parquet "
-                    "(one file per input shard), with the checkpoint's generation config unless overridden. "
+                    "(one file per input shard), decoded as the checkpoint says unless overridden, as hf-vlm eval "
+                    "decodes (generation_config.json; BLIP-2 captions without --prompt: "
+                    "caption_generation_config.json). "
                     "Resumable; runs under `accelerate launch` with each rank taking its own shards.")
     _common(caption, batch_size=16)
     caption.add_argument("--prompt", default=None,
@@ -83,8 +85,8 @@ def register(subparsers) -> None:
                          help="a CoCa checkpoint that scores --num-candidates candidates per image; the best is kept "
                               "with its score")
     caption.add_argument("--num-candidates", type=int, default=None, metavar="K",
-                         help="candidates per image for --rerank-with: beam search with K beams, or sampling with "
-                              "--generation do_sample=true")
+                         help="candidates per image for --rerank-with: the K best of a beam search with at least K "
+                              "beams, or K samples with --generation do_sample=true")
     caption.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's")
     caption.add_argument("--num-beams", type=int, default=None, help="default: the checkpoint's")
     caption.add_argument("--generation", nargs="+", type=_generation_option, metavar="KEY=VALUE",
