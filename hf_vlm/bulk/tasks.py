@@ -57,17 +57,11 @@ def resolve_dtype(dtype: str, device: str):
 def load_checkpoint(path: str, purpose: str, device: str, dtype):
     """(model, processor) of a checkpoint for `purpose` "caption" (CoCa, BLIP-2 stage 2) or "embed" (CoCa, BLIP-2
     stage 1), with a clear error for a BLIP-2 checkpoint of the other stage."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForImageTextToText,
-        AutoModelForPreTraining,
-        AutoProcessor,
-    )
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining, AutoProcessor
 
-    import hf_vlm  # noqa: F401  (registers our model types)
+    from hf_vlm.registration import load_config  # registers our model types; errors name config.json
 
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     if config.model_type not in ("coca", "blip2_flant5"):
         raise ValueError(f"{path}: model_type {config.model_type!r}; hf-vlm {purpose} runs coca and blip2_flant5")
     stage1 = "Blip2FlanT5ForPretraining" in (config.architectures or [])
