@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from hf_vlm.data.pipeline import MAX_SKIP_FRACTION, SKIP_WINDOW
 from hf_vlm.data.transforms import AUGMENTATIONS
 from hf_vlm.trainers.recipes import FINETUNE_STAGES, PRETRAIN_STAGES, Recipe, deepspeed_config, get_recipe
 
@@ -101,9 +102,9 @@ class DataArguments:
     max_length: int | None = field(default=None, metadata={"help": "text tokens; default: the data recipe's"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle block (samples)"})
     max_skip_fraction: float = field(
-        default=0.1,
-        metadata={"help": "stop when more than this share of the last 1000 samples a process drew were unusable "
-                  "(naming the worst shards); 1 never stops"},
+        default=MAX_SKIP_FRACTION,
+        metadata={"help": f"stop when more than this share of the last {SKIP_WINDOW} samples a process drew were "
+                  "unusable (naming the worst shards); 1 never stops"},
     )
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder"})
 

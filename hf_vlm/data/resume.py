@@ -126,9 +126,6 @@ class DataStateCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         if not self.resume_from:
             return
-        if args.ignore_data_skip:
-            logger.info("--ignore_data_skip: the data of the resumed epoch starts from its beginning (the data "
-                        "state in %s is not loaded; skip counts restart from the checkpoint's)", self.resume_from)
         path = os.path.join(self.resume_from, STATE_FILE.format(rank=args.process_index))
         if not os.path.isfile(path):
             logger.warning("%s has no %s: the data restarts from the beginning of the epoch (samples already "
@@ -140,6 +137,8 @@ class DataStateCallback(TrainerCallback):
                                "(enable_stateful_dataloader(trainer))")
         self.counter.load(saved["skipped"])
         if args.ignore_data_skip:
+            logger.info("--ignore_data_skip: the data of the resumed epoch starts from its beginning (the data "
+                        "state in %s is not loaded; skip counts restart from the checkpoint's)", path)
             return
         if _epoch_finished(train_dataloader, saved["dataloader"]):
             # A checkpoint at the end of an epoch: the next epoch starts as in the uninterrupted run, by the
