@@ -64,7 +64,7 @@ class Blip2FlanT5QFormerConfig(PreTrainedConfig):
     Every `cross_attention_frequency`-th layer (0, 2, 4, ...) lets the query tokens cross-attend to the image
     tokens (`encoder_hidden_size` wide, set from the vision config). Query positions and text positions have
     separate feed-forward blocks. The text path (word/position embeddings, text FFNs, the stage-1 heads) is used
-    in stage 1 only: `vocab_size` includes LAVIS's extra `[DEC]` token (`dec_token_id`), which replaces [CLS] as the
+    in stage 1 (and in stage 2 with `qformer_text_input`): `vocab_size` includes LAVIS's extra `[DEC]` token (`dec_token_id`), which replaces [CLS] as the
     first token for image-grounded text generation. `max_text_length` is the caption length in tokens (LAVIS: 32).
     """
 
@@ -110,6 +110,11 @@ class Blip2FlanT5Config(PreTrainedConfig):
     `freeze_language_model` keep those parts frozen (no gradient, eval mode, not in the optimizer), as BLIP-2 trains
     them. `tie_word_embeddings` ties the stage-1 Q-Former text head to its word embeddings (as LAVIS does); the
     T5 head follows `text_config` (see the module docstring).
+
+    `qformer_text_input`: the stage-2 Q-Former also reads the question / instruction (`qformer_input_ids`, BERT
+    tokens), as BLIP-2's VQA fine-tuning (paper section 4.3) and InstructBLIP do: the stage-1 text path (word and
+    position embeddings, the text positions' own FFNs) is kept, queries and instruction tokens share
+    self-attention, and only the query outputs go to `language_projection`.
     """
 
     model_type = "blip2_flant5"
@@ -126,6 +131,7 @@ class Blip2FlanT5Config(PreTrainedConfig):
     image_text_hidden_size: int = 256
     freeze_vision: bool = True
     freeze_language_model: bool = True
+    qformer_text_input: bool = False
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     initializer_factor: float = 1.0

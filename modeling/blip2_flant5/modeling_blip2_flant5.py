@@ -566,10 +566,26 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
         """`(batch, num_query_tokens, qformer_width)`: the query tokens after attending to the image."""
         return self._query_output(image_embeds).last_hidden_state
 
-    def _query_output(self, image_embeds, output_attentions=False, output_hidden_states=False):
+    def _query_output(self, image_embeds, output_attentions=False, output_hidden_states=False,
+                      qformer_input_ids=None, qformer_attention_mask=None):
+        """The Q-Former over the queries (and, when given, the question's BERT tokens after them, in the same
+        self-attention): its output covers every position; the first `num_query_tokens` are the queries'."""
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
-                            output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        attention_mask = None
+        if qformer_input_ids is not None:
+            if qformer_input_ids.dim() != 2 or qformer_input_ids.shape[0] != image_embeds.shape[0]:
+                raise ValueError(
+                    f"qformer_input_ids must be (batch, length) with the batch of pixel_values ({image_embeds.shape[0]}), "
+                    f"got {tuple(qformer_input_ids.shape)}"
+                )
+            if qformer_attention_mask is None:
+                qformer_attention_mask = torch.ones_like(qformer_input_ids)
+            query_mask = torch.ones(query_tokens.shape[:2], dtype=qformer_attention_mask.dtype,
+                                    device=qformer_attention_mask.device)
+            attention_mask = torch.cat([query_mask, qformer_attention_mask], dim=1)
+        return self.qformer(query_embeds=query_tokens, input_ids=qformer_input_ids, attention_mask=attention_mask,
+                            encoder_hidden_states=image_embeds, output_attentions=output_attentions,
+                            output_hidden_states=output_hidden_states)
 
     def _output_flags(self, sub_config, output_attentions, output_hidden_states, return_dict):
         """Unset flags follow the config (the model's or the tower's sub-config, as transformers' towers do)."""
@@ -976,7 +992,7 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
 
     def __init__(self, config: Blip2FlanT5Config):
         super().__init__(config)
-        self._build_vision_and_qformer(config, with_text_path=False)
+        self._build_vision_and_qformer(config, with_text_path=config.qformer_text_input)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.d_model)
         language_model = T5ForConditionalGeneration(config.text_config)
         if not config.lm_head_is_tied:
@@ -1032,32 +1048,49 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
     def get_encoder(self, modality=None):
         return self.language_model.get_encoder() if modality is None else super().get_encoder(modality=modality)
 
-    def get_image_features(self, pixel_values: torch.Tensor, output_attentions: bool | None = None,
+    def get_image_features(self, pixel_values: torch.Tensor, qformer_input_ids: torch.LongTensor | None = None,
+                           qformer_attention_mask: torch.Tensor | None = None, output_attentions: bool | None = None,
                            output_hidden_states: bool | None = None, return_dict: bool | None = None,
                            **kwargs) -> BaseModelOutputWithPooling | tuple:
         """last_hidden_state: image tokens after ln_vision; pooler_output: the query outputs projected to T5's width
-        (`(batch, num_query_tokens, d_model)`, the soft visual prompt); hidden_states / attentions: the ViT's."""
+        (`(batch, num_query_tokens, d_model)`, the soft visual prompt); hidden_states / attentions: the ViT's.
+        `qformer_input_ids` / `qformer_attention_mask`: the question in the Q-Former's BERT vocabulary (required
+        with `config.qformer_text_input`, refused without)."""
         output_attentions, output_hidden_states, return_dict = self._output_flags(
             self.config.vision_config, output_attentions, output_hidden_states, return_dict
         )
-        vision_output, _ = self._image_features(pixel_values, output_attentions, output_hidden_states)
+        vision_output, _ = self._image_features(pixel_values, output_attentions, output_hidden_states,
+                                                qformer_input_ids, qformer_attention_mask)
         return vision_output if return_dict else vision_output.to_tuple()
 
-    def _image_features(self, pixel_values, output_attentions=False, output_hidden_states=False):
-        """(vision output with the projected queries as `pooler_output`, Q-Former output over the queries)."""
+    def _image_features(self, pixel_values, output_attentions=False, output_hidden_states=False,
+                        qformer_input_ids=None, qformer_attention_mask=None):
+        """(vision output with the projected queries as `pooler_output`, Q-Former output over the queries and the
+        question's tokens when the Q-Former reads it)."""
+        if self.config.qformer_text_input and qformer_input_ids is None:
+            raise ValueError(
+                "this model's Q-Former reads the question (config.qformer_text_input=True): pass qformer_input_ids "
+                "(and qformer_attention_mask), the question in the Q-Former's BERT vocabulary; the processor makes them"
+            )
+        if not self.config.qformer_text_input and qformer_input_ids is not None:
+            raise ValueError(
+                "qformer_input_ids were given but this model's Q-Former reads no text (config.qformer_text_input=False)"
+            )
         vision_output = self._vision_output(pixel_values, output_attentions, output_hidden_states)
-        qformer_output = self._query_output(vision_output.last_hidden_state, output_attentions, output_hidden_states)
-        query_output = qformer_output.last_hidden_state
+        qformer_output = self._query_output(vision_output.last_hidden_state, output_attentions, output_hidden_states,
+                                            qformer_input_ids, qformer_attention_mask)
+        query_output = qformer_output.last_hidden_state[:, : self.config.num_query_tokens]
         vision_output = _with_pooler_output(
             vision_output, self.language_projection(query_output.to(self.language_projection.weight.dtype))
         )
         return vision_output, qformer_output
 
     def _encoder_inputs(self, pixel_values, input_ids, attention_mask, inputs_embeds=None, output_attentions=False,
-                        output_hidden_states=False):
+                        output_hidden_states=False, qformer_input_ids=None, qformer_attention_mask=None):
         """T5 encoder inputs_embeds and attention_mask: [projected queries, prompt embeddings]. The prompt comes as
         `input_ids` or as T5 input embeddings (`inputs_embeds`)."""
-        vision_output, qformer_output = self._image_features(pixel_values, output_attentions, output_hidden_states)
+        vision_output, qformer_output = self._image_features(pixel_values, output_attentions, output_hidden_states,
+                                                             qformer_input_ids, qformer_attention_mask)
         language_model_inputs = vision_output.pooler_output
         batch = language_model_inputs.shape[0]
         embed_tokens = self.language_model.get_input_embeddings()
@@ -1089,10 +1122,14 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> Blip2FlanT5ForConditionalGenerationOutput | tuple:
         r"""
         input_ids / inputs_embeds: the prompt, as T5 token ids or T5 input embeddings (none: captioning).
+        qformer_input_ids / qformer_attention_mask: the question for the Q-Former, in its BERT vocabulary (with
+            `config.qformer_text_input`; transformers' InstructBLIP names).
         output_attentions / output_hidden_states: the vision tower's and the Q-Former's (`vision_model_output`,
             `qformer_model_output`) and T5's (`language_model_outputs`).
         Other keyword arguments (`past_key_values`, `use_cache`, `decoder_inputs_embeds`, ...) go to T5.
@@ -1101,7 +1138,8 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
             self.config.text_config, output_attentions, output_hidden_states, return_dict
         )
         vision_output, qformer_output, inputs_embeds, encoder_attention_mask = self._encoder_inputs(
-            pixel_values, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states
+            pixel_values, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
+            qformer_input_ids, qformer_attention_mask,
         )
         kwargs.pop("num_items_in_batch", None)  # losses are means (see accepts_loss_kwargs)
         if labels is not None:
@@ -1123,7 +1161,7 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
             logits=outputs.logits,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             image_embeds=vision_output.last_hidden_state,
-            query_output=qformer_output.last_hidden_state,
+            query_output=qformer_output.last_hidden_state[:, : self.config.num_query_tokens],
             language_model_inputs=vision_output.pooler_output,
             language_model_outputs=outputs,
             vision_model_output=vision_output,
@@ -1138,15 +1176,19 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.LongTensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Caption (no prompt) or answer (prompt such as "Question: {} Short answer:"); returns T5 decoder token ids.
 
         The prompt comes as `input_ids` or as T5 input embeddings (`inputs_embeds`). Prompts of different lengths
         are padded on the right with their attention_mask; the answers equal those obtained one image at a time.
+        With `config.qformer_text_input` the Q-Former also reads the question (`qformer_input_ids`, from the processor).
         """
         _, _, inputs_embeds, encoder_attention_mask = self._encoder_inputs(
-            pixel_values, input_ids, attention_mask, inputs_embeds
+            pixel_values, input_ids, attention_mask, inputs_embeds,
+            qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask,
         )
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask, **generate_kwargs
@@ -1194,7 +1236,7 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
         weights_file = cached_file(str(stage1_path), "model.safetensors")
         stage1_state = load_file(weights_file)
         own_keys = set(model.state_dict())
-        unused = sorted(k for k in stage1_state if is_stage1_only_key(k))
+        unused = sorted(k for k in stage1_state if is_stage1_only_key(k) and k not in own_keys)
         unexpected = sorted(k for k in stage1_state if k not in own_keys and not is_stage1_only_key(k))
         if unexpected:
             raise ValueError(f"{weights_file} holds tensors stage 2 does not know: {unexpected[:10]} ({len(unexpected)})")
