@@ -515,7 +515,27 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
         super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        # timm checkpoints the ViT non-reentrant (its reentrant mode cannot pass EVA blocks their keyword arguments).
         self.vision_model.set_grad_checkpointing(enable)
+        if enable and not getattr(self, "_require_grads_hooks", None):
+            # transformers hooks the inputs only of text models (main_input_name "input_ids"); ours pass through
+            # frozen parts too, and reentrant checkpointing needs them (see enable_input_require_grads).
+            self.enable_input_require_grads()
+
+    def enable_input_require_grads(self):
+        """Under reentrant checkpointing a layer whose inputs need no gradient gives none to the adapters (LoRA)
+        inside it. Besides T5's embeddings (transformers' hook), the Q-Former's input needs one: it comes from the
+        query tokens, which are frozen under peft (issue 20.2). Installs the hooks once (peft calls this again)."""
+        self.disable_input_require_grads()
+        super().enable_input_require_grads()
+        qformer = self.qformer
+
+        def queries_require_grad(module, args, output):
+            if any(p.requires_grad for p in qformer.parameters()):  # a frozen Q-Former needs no backward
+                output.requires_grad_(True)
+
+        hook = qformer.layernorm.register_forward_hook(queries_require_grad)
+        self._require_grads_hooks = [*self._require_grads_hooks, hook]
 
     # Auto classes besides `_auto_class` that the saved folder's auto_map should also answer.
     _extra_auto_classes: tuple[str, ...] = ()
