@@ -379,6 +379,9 @@ def _generate_text(loaded: LoadedModel, image: Image.Image, prompt: str | None, 
     if prompt is not None:
         model_inputs.update(input_ids=inputs["input_ids"].to(loaded.device),
                             attention_mask=inputs["attention_mask"].to(loaded.device))
+    # a question-aware Q-Former (BLIP-2 qformer_text_input) reads the prompt too, or an empty one for a caption
+    model_inputs.update({k: inputs[k].to(loaded.device) for k in ("qformer_input_ids", "qformer_attention_mask")
+                         if k in inputs})
     with torch.inference_mode():
         config = loaded.generation_config("caption" if prompt is None else "vqa", **gen_kwargs)
         token_ids = loaded.model.generate(**model_inputs, generation_config=config)

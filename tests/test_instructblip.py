@@ -15,7 +15,7 @@ import torch
 
 import hf_vlm  # noqa: F401  (registers the Auto classes)
 from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration, Blip2FlanT5ForPretraining
-from hf_vlm.presets import get_config
+from hf_vlm.presets import get_config, preset_dict
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -95,3 +95,112 @@ def test_stage_2_with_the_question_aware_q_former_starts_from_stage_1s_text_path
         assert key not in info["unused_stage1_keys"]
     assert "text_proj.weight" in info["unused_stage1_keys"]
     assert [k for k in info["newly_initialized_keys"] if not k.startswith("language_projection.")] == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The processor gives the question to the Q-Former: generate, the pipeline, hf-vlm eval, the Space, training batches
+
+QUESTION = "Question: what color is the circle? Short answer:"
+
+
+@pytest.fixture(scope="module")
+def question_aware_checkpoint(tmp_path_factory, t5_tokenizer_dir, bert_tokenizer_dir):
+    """A question-aware blip2-tiny checkpoint folder (random weights) with its processor (32 px)."""
+    from transformers import AutoTokenizer
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("blip2-tiny-question-aware")
+    processor = Blip2FlanT5Processor.from_tokenizers(
+        AutoTokenizer.from_pretrained(t5_tokenizer_dir), AutoTokenizer.from_pretrained(bert_tokenizer_dir),
+        image_size=32, max_text_length=8, qformer_text_input=True,
+    )
+    text_config = {**preset_dict("blip2-tiny")["text_config"], "vocab_size": 96}  # the tokenizer's: words decode
+    model = Blip2FlanT5ForConditionalGeneration(
+        get_config("blip2-tiny", qformer_text_input=True, text_config=text_config)).eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_the_processor_gives_the_prompt_to_the_q_former_truncated_on_the_left(question_aware_checkpoint):
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+    from hf_vlm.testing import random_image
+
+    processor = Blip2FlanT5Processor.from_pretrained(question_aware_checkpoint)  # the flag survives a round trip
+    assert processor.qformer_text_input and "qformer_input_ids" in processor.model_input_names
+    bert = processor.qformer_tokenizer
+    images = [random_image(32, seed=1), random_image(32, seed=2)]
+    inputs = processor(images=images, text=["what color?", QUESTION], return_tensors="pt")
+    ids, mask = inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
+    assert ids.shape == (2, 8) and mask[0].sum() < 8 and mask[1].sum() == 8  # longest, at most max_text_length
+    assert ids[0, : mask[0].sum()].tolist() == bert("what color?")["input_ids"]
+    # The long prompt keeps its end ("... short answer:" and [SEP]), as InstructBLIP's left truncation does.
+    assert ids[1].tolist() == [bert.cls_token_id] + bert(QUESTION)["input_ids"][-7:]
+    assert bert.truncation_side == "right"  # stage-1 captions still truncate on the right
+    # Captioning (no prompt): the Q-Former reads an empty one, [CLS] [SEP].
+    caption = processor(images=images, return_tensors="pt")
+    assert caption["qformer_input_ids"].tolist() == [[bert.cls_token_id, bert.sep_token_id]] * 2
+    plain = Blip2FlanT5Processor(processor.image_processor, processor.tokenizer, qformer_tokenizer=bert)
+    assert "qformer_input_ids" not in plain(images=images, text=QUESTION, return_tensors="pt")
+
+
+def test_the_pipeline_gives_the_question_to_the_q_former(question_aware_checkpoint):
+    """The model refuses to run without qformer_input_ids: the pipeline answering at all proves it passes them."""
+    from transformers import pipeline
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+    from hf_vlm.testing import random_image
+
+    pipe = pipeline("image-text-to-text", model=str(question_aware_checkpoint))
+    assert pipe.model.config.qformer_text_input
+    image = random_image(32, seed=5)
+    processor = Blip2FlanT5Processor.from_pretrained(question_aware_checkpoint)
+    for prompt in (QUESTION, ""):
+        inputs = processor(images=[image], text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            expected = processor.batch_decode(pipe.model.generate(**inputs, max_new_tokens=4), skip_special_tokens=True)
+        out = pipe(images=image, text=prompt, max_new_tokens=4, return_full_text=False)
+        assert out[0]["generated_text"] == expected[0] and expected[0].strip()
+
+
+def test_hf_vlm_eval_captions_and_answers_with_a_question_aware_q_former(question_aware_checkpoint, capsys):
+    from hf_vlm.cli import main
+
+    assert main(["eval", str(question_aware_checkpoint), "--task", "caption", "vqa", "--num-samples", "2",
+                 "--max-new-tokens", "3", "--batch-size", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "cider" in table and "vqa_accuracy" in table
+
+
+def test_the_space_gives_the_question_to_the_q_former(question_aware_checkpoint):
+    pytest.importorskip("gradio")
+    from hf_vlm import space
+    from hf_vlm.testing import random_image
+
+    loaded = space.load_models(blip2=str(question_aware_checkpoint)).blip2
+    image = random_image(32, seed=3)
+    assert space._generate_text(loaded, image, QUESTION, {"max_new_tokens": 3}).strip()
+    assert space._generate_text(loaded, image, None, {"max_new_tokens": 3}).strip()
+
+
+def test_vqa_training_batches_carry_the_question_for_the_q_former(question_aware_checkpoint):
+    from hf_vlm.data import ImageTextCollator
+    from hf_vlm.data.collators import VQA_PROMPT
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+
+    processor = Blip2FlanT5Processor.from_pretrained(question_aware_checkpoint)
+    collator = ImageTextCollator.for_recipe("blip2-vqa", processor)
+    samples = [{"pixel_values": pixels(1, seed=i)[0], "question": q, "answers": [a]}
+               for i, (q, a) in enumerate([("what color?", "red"), ("how many circles are there?", "two")])]
+    batch = collator(samples)
+    expected = processor.question_inputs([VQA_PROMPT.format(s["question"]) for s in samples])
+    assert torch.equal(batch["qformer_input_ids"], expected["qformer_input_ids"])
+    assert torch.equal(batch["qformer_attention_mask"], expected["qformer_attention_mask"])
+    model = Blip2FlanT5ForConditionalGeneration.from_pretrained(question_aware_checkpoint).train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert model.qformer.embeddings.word_embeddings.weight.grad.abs().sum() > 0  # the question is trained on
+    plain = Blip2FlanT5Processor(processor.image_processor, processor.tokenizer, qformer_tokenizer=processor.qformer_tokenizer)
+    assert "qformer_input_ids" not in ImageTextCollator.for_recipe("blip2-vqa", plain)(samples)

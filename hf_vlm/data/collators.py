@@ -9,7 +9,9 @@ role of the text:
         BLIP-2 stage 1 pixel_values, input_ids, attention_mask, return_loss (Q-Former BERT tokenizer)
   text_role="labels": a prompt is the encoder input and the caption/answer is the target.
         BLIP-2 stage 2 / VQA / caption fine-tuning: pixel_values, input_ids, attention_mask (prompt),
-                       labels (target ids, padding -> -100 so the loss ignores it)
+                       labels (target ids, padding -> -100 so the loss ignores it); with a question-aware
+                       Q-Former (processor.qformer_text_input) also qformer_input_ids, qformer_attention_mask
+                       (the prompt in the Q-Former's vocabulary, BLIP-2 section 4.3)
 `DATA_RECIPES` holds each recipe's data facts (augmentation, tokenizer, max length, prompt) in one
 place; `collator_for_recipe` / `image_transform_for_recipe` read them.
 """
@@ -124,6 +126,8 @@ class ImageTextCollator:
             raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
         from transformers import PreTrainedTokenizerBase
 
+        # A question-aware Q-Former reads the prompt too: its processor tokenizes it for the Q-Former.
+        self.question_inputs = tokenizer.question_inputs if getattr(tokenizer, "qformer_text_input", False) else None
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             tokenizer = getattr(tokenizer, tokenizer_attribute, None) or tokenizer
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
@@ -190,7 +194,10 @@ class ImageTextCollator:
             batch["input_ids"] = encoded["input_ids"]
             batch["attention_mask"] = encoded["attention_mask"]
         else:
-            prompts = self._tokenize([self._prompt_for(s) for s in samples], self.max_length)
+            prompt_texts = [self._prompt_for(s) for s in samples]
+            prompts = self._tokenize(prompt_texts, self.max_length)
+            if self.question_inputs is not None:
+                batch.update(self.question_inputs(prompt_texts))
             targets = self._tokenize([self._target_of(s) for s in samples], self.max_target_length)
             batch["input_ids"] = prompts["input_ids"]
             batch["attention_mask"] = prompts["attention_mask"]

@@ -233,6 +233,10 @@ def _read_row(data: EvalData, row: dict, spec: str, label_values: list) -> None:
     label_values.append(_label(row))
 
 
+# What a question-aware Q-Former reads besides the image (Blip2FlanT5Processor with qformer_text_input).
+QFORMER_INPUTS = ("qformer_input_ids", "qformer_attention_mask")
+
+
 def image_inputs(processor, images: Sequence):
     """`pixel_values` [len(images), 3, H, W] of decoded RGB images: the model's processor, as every task calls it."""
     return processor(images=list(images), return_tensors="pt")["pixel_values"]
@@ -345,8 +349,10 @@ def generate_captions(model, processor, images: Sequence, *, batch_size: int = 6
     captions = []
     with torch.inference_mode():
         for batch in _batches(images, batch_size, "caption"):
-            ids = model.generate(pixel_values=image_inputs(processor, batch).to(model.device),
-                                 generation_config=generation_config)
+            # a question-aware Q-Former (BLIP-2 qformer_text_input) also gets its (empty) prompt from the processor
+            inputs = processor(images=list(batch), return_tensors="pt")
+            inputs = {k: inputs[k] for k in ("pixel_values", *QFORMER_INPUTS) if k in inputs}
+            ids = model.generate(**_to_device(inputs, model), generation_config=generation_config)
             captions += processor.batch_decode(ids, skip_special_tokens=True)
     return [c.strip() for c in captions]
 

@@ -6,6 +6,9 @@
 - `qformer_text` -> `qformer_input_ids` / `qformer_attention_mask` with the optional `qformer_tokenizer` (BERT
   WordPiece, [CLS] ... [SEP], padded to `max_text_length`), the stage-1 text input; `pretraining_inputs()` returns
   them under the names `Blip2FlanT5ForPretraining.forward` takes.
+- `qformer_text_input=True` (a question-aware Q-Former, `Blip2FlanT5Config.qformer_text_input`): every call with
+  images or `text` also gives the Q-Former the prompt (an empty one when captioning) as `qformer_input_ids` /
+  `qformer_attention_mask`, truncated on the left to `max_text_length` as InstructBLIP's processor does.
 
 The Q-Former tokenizer is optional (a stage-2 checkpoint needs none) and saved in the `qformer_tokenizer/`
 subfolder. Hub-portable: imports only transformers.
@@ -39,20 +42,26 @@ def build_image_processor(image_size: int = 224, image_mean=None, image_std=None
 
 
 class Blip2FlanT5Processor(ProcessorMixin):
-    def __init__(self, image_processor, tokenizer, chat_template=None, **kwargs):
+    def __init__(self, image_processor, tokenizer, chat_template=None, max_text_length: int = 32,
+                 qformer_text_input: bool = False, **kwargs):
         # The Q-Former tokenizer is not a ProcessorMixin attribute: those are all required, this one is optional.
         self.qformer_tokenizer = kwargs.pop("qformer_tokenizer", None)
-        self.max_text_length = kwargs.pop("max_text_length", 32)
+        # named arguments: from_pretrained passes processor_config.json's values only to those
+        self.max_text_length = max_text_length
+        self.qformer_text_input = qformer_text_input
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
-    def from_tokenizers(cls, tokenizer, qformer_tokenizer=None, image_size: int = 224, max_text_length: int = 32):
+    def from_tokenizers(cls, tokenizer, qformer_tokenizer=None, image_size: int = 224, max_text_length: int = 32,
+                        qformer_text_input: bool = False):
         """The processor BLIP-2 is trained with: `image_size` px bicubic resize, CLIP mean/std, RGB."""
-        return cls(build_image_processor(image_size), tokenizer, qformer_tokenizer=qformer_tokenizer, max_text_length=max_text_length)
+        return cls(build_image_processor(image_size), tokenizer, qformer_tokenizer=qformer_tokenizer,
+                   max_text_length=max_text_length, qformer_text_input=qformer_text_input)
 
     @property
     def model_input_names(self):
-        return ["pixel_values", "input_ids", "attention_mask"]
+        names = ["pixel_values", "input_ids", "attention_mask"]
+        return names + ["qformer_input_ids", "qformer_attention_mask"] if self.qformer_text_input else names
 
     def __call__(
         self,
@@ -78,7 +87,29 @@ class Blip2FlanT5Processor(ProcessorMixin):
             qformer = self._qformer_tokenize(qformer_text, return_tensors)
             encoding["qformer_input_ids"] = qformer["input_ids"]
             encoding["qformer_attention_mask"] = qformer["attention_mask"]
+        elif self.qformer_text_input and (images is not None or text is not None):
+            # The question-aware Q-Former reads the prompt too; captioning (no text) gives it an empty one.
+            questions = text if text is not None else [""] * len(encoding["pixel_values"])
+            encoding.update(self.question_inputs(questions, return_tensors))
         return BatchFeature(encoding, tensor_type=return_tensors)
+
+    def question_inputs(self, questions: str | list[str], return_tensors: str | None = "pt") -> dict:
+        """`qformer_input_ids` / `qformer_attention_mask` of the questions (prompts) for a question-aware Q-Former:
+        padded to the longest, truncated on the left to `max_text_length` (the end of an instruction, where the
+        question is, is kept), as InstructBLIP's Q-Former tokenizer does."""
+        if self.qformer_tokenizer is None:
+            raise ValueError(
+                "this processor has no qformer_tokenizer (the Q-Former's BERT tokenizer), which a question-aware "
+                "Q-Former (qformer_text_input=True) needs: Blip2FlanT5Processor.from_tokenizers(tokenizer, qformer_tokenizer=...)"
+            )
+        side, self.qformer_tokenizer.truncation_side = self.qformer_tokenizer.truncation_side, "left"
+        try:
+            encoded = self.qformer_tokenizer(_as_list(questions, "text"), padding=True, truncation=True,
+                                             max_length=self.max_text_length, return_token_type_ids=False,
+                                             return_tensors=return_tensors)
+        finally:
+            self.qformer_tokenizer.truncation_side = side
+        return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
 
     def _qformer_tokenize(self, texts, return_tensors):
         if self.qformer_tokenizer is None:
@@ -128,6 +159,7 @@ class Blip2FlanT5Processor(ProcessorMixin):
         output = super().to_dict()
         output.pop("qformer_tokenizer", None)
         output["max_text_length"] = self.max_text_length
+        output["qformer_text_input"] = self.qformer_text_input
         return output
 
 
