@@ -1,4 +1,4 @@
-"""Converters from upstream checkpoints (open_clip CoCa, transformers and LAVIS BLIP-2), installed as
+"""Converters from upstream checkpoints (open_clip CoCa, transformers BLIP-2 / InstructBLIP, LAVIS BLIP-2), installed as
 `hf_vlm.conversion`.
 
 - reader.py: streaming readers (safetensors, torch zip pickles, Hub folders), one tensor at a time.
@@ -21,6 +21,8 @@ import importlib
 FORMATS = {
     "open-clip-coca": ("hf_vlm.conversion.open_clip_coca", "an open_clip CoCa checkpoint (file or Hub folder)"),
     "hf-blip2": ("hf_vlm.conversion.hf_blip2", "a transformers Blip2ForConditionalGeneration folder with a T5 LM"),
+    "hf-instructblip": ("hf_vlm.conversion.hf_instructblip",
+                        "a transformers InstructBlipForConditionalGeneration folder with a T5 LM"),
     "lavis-blip2": ("hf_vlm.conversion.lavis_blip2", "LAVIS BLIP-2 stage 1 / stage 2 (FlanT5) checkpoints"),
 }
 

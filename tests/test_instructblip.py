@@ -116,7 +116,8 @@ def question_aware_checkpoint(tmp_path_factory, t5_tokenizer_dir, bert_tokenizer
         AutoTokenizer.from_pretrained(t5_tokenizer_dir), AutoTokenizer.from_pretrained(bert_tokenizer_dir),
         image_size=32, max_text_length=8, qformer_text_input=True,
     )
-    text_config = {**preset_dict("blip2-tiny")["text_config"], "vocab_size": 96}  # the tokenizer's: words decode
+    # at most the tiny tokenizer's 96 pieces, so that generated ids decode to words
+    text_config = {**preset_dict("blip2-tiny")["text_config"], "vocab_size": 96}
     model = Blip2FlanT5ForConditionalGeneration(
         get_config("blip2-tiny", qformer_text_input=True, text_config=text_config)).eval()
     model.save_pretrained(path)
@@ -204,3 +205,123 @@ def test_vqa_training_batches_carry_the_question_for_the_q_former(question_aware
     assert model.qformer.embeddings.word_embeddings.weight.grad.abs().sum() > 0  # the question is trained on
     plain = Blip2FlanT5Processor(processor.image_processor, processor.tokenizer, qformer_tokenizer=processor.qformer_tokenizer)
     assert "qformer_input_ids" not in ImageTextCollator.for_recipe("blip2-vqa", plain)(samples)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hf-vlm convert hf-instructblip: parity with transformers' InstructBlipForConditionalGeneration
+
+TINY_T5_VOCAB = 128  # the tiny tokenizer's pieces, InstructBlipProcessor's <image> after them, room to spare
+
+
+@pytest.fixture(scope="module")
+def instructblip(tmp_path_factory, t5_tokenizer_dir, bert_tokenizer_dir):
+    """(transformers' InstructBLIP with random weights, its processor, the converted folder, the summary): the
+    published layout (T5 tokenizer at the top, the Q-Former's in qformer_tokenizer/), converted through the CLI."""
+    from test_conversion_blip2 import TINY_QFORMER, TINY_T5, TINY_VISION, randomize_
+    from transformers import (
+        AutoTokenizer,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        T5Config,
+    )
+
+    from hf_vlm.cli import main
+    from hf_vlm.modeling.blip2_flant5.processing_blip2_flant5 import build_image_processor
+
+    root = tmp_path_factory.mktemp("instructblip")
+    processor = InstructBlipProcessor(build_image_processor(32), AutoTokenizer.from_pretrained(t5_tokenizer_dir),
+                                      AutoTokenizer.from_pretrained(bert_tokenizer_dir), num_query_tokens=8)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    t5 = T5Config(**{**TINY_T5, "vocab_size": TINY_T5_VOCAB}).to_dict()
+    config = InstructBlipConfig(vision_config=TINY_VISION, text_config=t5, num_query_tokens=8,
+                                qformer_config={**TINY_QFORMER, "vocab_size": 256, "max_position_embeddings": 64},
+                                image_token_index=image_token)
+    reference = InstructBlipForConditionalGeneration(config)
+    # FlanT5's separate lm_head, as the published checkpoint has it
+    reference.language_model.lm_head.weight = torch.nn.Parameter(torch.empty_like(reference.language_model.shared.weight))
+    randomize_(reference, seed=7)
+    reference.save_pretrained(root / "transformers")
+    processor.save_pretrained(root / "transformers")
+    assert (root / "transformers" / "qformer_tokenizer").is_dir()
+    assert main(["convert", "hf-instructblip", str(root / "transformers"), str(root / "converted"), "--no-progress"]) == 0
+    return reference, processor, root
+
+
+def test_every_instructblip_tensor_converts(instructblip):
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    reference, _, root = instructblip
+    with safe_open(str(root / "converted" / "model.safetensors"), "pt") as f:
+        converted = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert "qformer.layernorm.weight" in converted and "qformer.embeddings.word_embeddings.weight" in converted
+    assert "qformer.encoder.layer.1.intermediate.dense.weight" in converted
+    # transformers' fused qkv bias (3 x 64 per vision layer) becomes EVA's q_bias + v_bias (2 x 64)
+    assert sum(converted.values()) == sum(p.numel() for p in reference.parameters()) - 2 * 64
+    config = json.loads((root / "converted" / "config.json").read_text())
+    assert config["qformer_text_input"] is True and config["qformer_config"]["vocab_size"] == 256
+    processor_config = json.loads((root / "converted" / "processor_config.json").read_text())
+    assert processor_config["qformer_text_input"] is True and processor_config["max_text_length"] == 128
+
+
+@torch.no_grad()
+def test_converted_instructblip_matches_transformers_logits_greedy_and_beams_batched(instructblip):
+    """Batch 3, T5 prompts of 1, 3 and 5 tokens and instructions of 2, 4 and 6 Q-Former tokens, all padded on the
+    right as both processors pad them (InstructBLIP puts its 8 <image> placeholders in front of the prompt)."""
+    from transformers import AutoModel
+
+    reference, _, root = instructblip
+    ours = AutoModel.from_pretrained(root / "converted").eval()
+    assert type(ours) is Blip2FlanT5ForConditionalGeneration and ours.config.qformer_text_input
+    prompts = torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0], [1, 0, 0, 0, 0]])
+    questions = torch.tensor([[2, 40, 41, 42, 43, 3], [2, 50, 51, 3, 0, 0], [2, 3, 0, 0, 0, 0]])
+    mask, qmask = (prompts != 0).long(), (questions != 0).long()
+    images = pixels(3, seed=11)
+    placeholders = torch.full((3, 8), reference.config.image_token_index)
+    theirs = dict(pixel_values=images, qformer_input_ids=questions, qformer_attention_mask=qmask,
+                  input_ids=torch.cat([placeholders, prompts], 1), attention_mask=torch.cat([torch.ones(3, 8).long(), mask], 1))
+    mine = dict(pixel_values=images, qformer_input_ids=questions, qformer_attention_mask=qmask, input_ids=prompts,
+                attention_mask=mask)
+    decoder_input_ids = torch.tensor([[0, 4, 5, 6]] * 3)
+    diff = (reference(**theirs, decoder_input_ids=decoder_input_ids).logits
+            - ours(**mine, decoder_input_ids=decoder_input_ids).logits).abs().max().item()
+    print(f"max abs logit diff {diff:.2e}")
+    assert diff < 1e-4
+    for beams in (1, 3):
+        settings = dict(max_new_tokens=8, min_new_tokens=8, num_beams=beams, do_sample=False)
+        expected = reference.generate(**theirs, **settings)
+        assert ours.generate(**mine, **settings).tolist() == expected.tolist(), f"num_beams={beams}"
+        assert len({tuple(row) for row in expected.tolist()}) == 3, "degenerate test: equal outputs"
+
+
+@torch.no_grad()
+def test_converted_processor_and_model_answer_as_transformers_instructblip(instructblip):
+    """From text to tokens: InstructBlipProcessor + transformers' model and our converted processor + model give
+    the same answers (beam search) to two instructions of different lengths, each processor padding its own way."""
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+    from hf_vlm.testing import random_image
+
+    reference, their_processor, root = instructblip
+    ours = Blip2FlanT5ForConditionalGeneration.from_pretrained(root / "converted").eval()
+    our_processor = Blip2FlanT5Processor.from_pretrained(root / "converted")
+    images = [random_image(32, seed=s) for s in (1, 2)]
+    prompts = ["what color is the circle?", "Question: how many squares are in the picture? Short answer:"]
+    theirs = their_processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    mine = our_processor(images=images, text=prompts, return_tensors="pt")
+    assert torch.equal(mine["qformer_input_ids"], theirs["qformer_input_ids"])
+    settings = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2)
+    assert ours.generate(**mine, **settings).tolist() == reference.generate(**theirs, **settings).tolist()
+
+
+def test_a_blip2_folder_is_refused_by_hf_instructblip_with_a_clear_error(tmp_path, capsys):
+    from transformers import Blip2Config
+
+    from hf_vlm.cli import main
+
+    Blip2Config().save_pretrained(tmp_path / "blip2")
+    assert main(["convert", "hf-instructblip", str(tmp_path / "blip2"), str(tmp_path / "out")]) == 1
+    assert "expected 'instructblip'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,5 @@
 """`hf-vlm convert FORMAT SOURCE OUTPUT [options]`: convert an upstream checkpoint (open_clip CoCa,
-transformers or LAVIS BLIP-2) into an hf-vlm `from_pretrained` folder. The formats and their options
+transformers BLIP-2 / InstructBLIP, LAVIS BLIP-2) into an hf-vlm `from_pretrained` folder. The formats and their options
 live in hf_vlm.conversion; a format's module is imported only when it is used."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     formats = "\n".join(f"  {name:<16} {description}" for name, (_, description) in FORMATS.items())
     parser = subparsers.add_parser(
         "convert",
-        help="convert an upstream checkpoint (open_clip CoCa, transformers/LAVIS BLIP-2)",
+        help="convert an upstream checkpoint (open_clip CoCa, transformers BLIP-2 / InstructBLIP, LAVIS BLIP-2)",
         description=f"Convert an upstream checkpoint.\n\nformats:\n{formats}\n\n"
         "`hf-vlm convert FORMAT --help` lists a format's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
