@@ -53,7 +53,8 @@ def config_from_hf(hf_config):
     config = blip2_flant5_config_from_hf(blip2_view).to_dict()
     # InstructBLIP's Q-Former vocabulary already holds LAVIS's [DEC] (30523 = BERT + [DEC]), the last id.
     vocab_size = hf_config.qformer_config.vocab_size
-    config["qformer_config"].update(vocab_size=vocab_size, dec_token_id=vocab_size - 1)
+    config["qformer_config"].update(vocab_size=vocab_size, dec_token_id=vocab_size - 1,
+                                    max_text_length=QFORMER_MAX_TEXT_LENGTH)
     config["qformer_text_input"] = True
     return Blip2FlanT5Config.from_dict(config)
 

@@ -325,3 +325,47 @@ def test_a_blip2_folder_is_refused_by_hf_instructblip_with_a_clear_error(tmp_pat
     assert main(["convert", "hf-instructblip", str(tmp_path / "blip2"), str(tmp_path / "out")]) == 1
     assert "expected 'instructblip'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The instructblip-flan-t5-xl preset and its model card
+
+PUBLISHED_PARAMETERS = 4_022_969_088  # Salesforce/instructblip-flan-t5-xl (separate lm_head, EVA's zero k bias)
+
+
+@pytest.mark.slow
+def test_instructblip_flan_t5_xl_preset_has_the_published_parameter_count_on_the_meta_device():
+    with torch.device("meta"):
+        model = Blip2FlanT5ForConditionalGeneration(get_config("instructblip-flan-t5-xl"))
+    total = sum(p.numel() for p in model.parameters())
+    # transformers stores a (zero) key bias per EVA block that timm keeps as a buffer: 39 x 1408, same function
+    zero_key_bias = sum(m.k_bias.numel() for m in model.vision_model.modules() if hasattr(m, "k_bias"))
+    assert total + zero_key_bias == PUBLISHED_PARAMETERS
+    assert sum(p.numel() for p in model.qformer.parameters()) == 185_660_160  # with the instruction's text path
+    assert model.language_model.lm_head.weight is not model.language_model.shared.weight
+
+
+def test_the_published_instructblip_config_converts_to_the_preset():
+    """What hf-instructblip makes of Salesforce/instructblip-flan-t5-xl's config (transformers' defaults are its
+    ViT-g and BERT-base Q-Former; 30523 = BERT + [DEC]) is the preset, so its model card finds the variant."""
+    from transformers import InstructBlipConfig
+
+    from hf_vlm.conversion.hf_instructblip import config_from_hf
+    from hf_vlm.hub.cards import match_preset
+
+    published = InstructBlipConfig(qformer_config={"vocab_size": 30523}, num_query_tokens=32,
+                                   text_config=preset_dict("instructblip-flan-t5-xl")["text_config"])
+    assert match_preset(config_from_hf(published)) == "instructblip-flan-t5-xl"
+    assert match_preset(get_config("blip2-flan-t5-xl")) == "blip2-flan-t5-xl"  # the flag tells the two apart
+
+
+def test_instructblip_card_names_the_variant_and_the_question_aware_q_former(tmp_path):
+    from hf_vlm.hub.cards import render_card
+
+    folder = tmp_path / "instructblip-flan-t5-xl"
+    get_config("instructblip-flan-t5-xl").save_pretrained(folder)
+    text = str(render_card(folder, "Salesforce-like/instructblip-flan-t5-xl"))
+    assert "# InstructBLIP-FlanT5-XL" in text and "Its Q-Former is question-aware" in text
+    assert "instruction-tuned on 13 held-in datasets" in text and "16 NVIDIA A100 40GB GPUs" in text
+    get_config("blip2-flan-t5-xl").save_pretrained(tmp_path / "blip2")
+    assert "question-aware" not in str(render_card(tmp_path / "blip2", "Salesforce-like/blip2-flan-t5-xl"))
