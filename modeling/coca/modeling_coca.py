@@ -42,7 +42,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -63,7 +63,7 @@ class CocaOutput(ModelOutput):
     image_embeds / text_embeds: L2-normalized projected embeddings.
     logits: `[batch, seq, vocab]` caption logits (position t predicts token t+1); computed when images and
         texts pair up (same batch size).
-    past_key_values: the generation cache (`EncoderDecoderCache`: self-attention of both text stacks, image K/V).
+    past_key_values: the generation cache (`CocaCache`: self-attention of both text stacks, image K/V).
     text_model_output / vision_model_output: the towers' outputs (`get_text_features` / `get_image_features`), with
         their `hidden_states` / `attentions` when asked for.
     hidden_states / attentions / cross_attentions: the multimodal decoder's (the layers that predict the caption,
@@ -344,11 +344,14 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
-def _causal_key_mask(key_valid: torch.Tensor, query_length: int) -> torch.Tensor:
-    """bool [B, Q, K]: query i (the last Q of K positions) sees keys j <= its own position that are valid."""
+def _causal_key_mask(key_valid: torch.Tensor, query_length: int,
+                     cache_position: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [B, Q, K]: query i sees the valid keys j <= its own position. The queries' key positions are
+    `cache_position` (a static cache holds more key slots than are filled), by default the last Q of K."""
     key_length = key_valid.shape[1]
-    query_pos = torch.arange(key_length - query_length, key_length, device=key_valid.device)
-    causal = torch.arange(key_length, device=key_valid.device)[None, :] <= query_pos[:, None]
+    if cache_position is None:
+        cache_position = torch.arange(key_length - query_length, key_length, device=key_valid.device)
+    causal = torch.arange(key_length, device=key_valid.device)[None, :] <= cache_position[:, None]
     return causal[None] & key_valid[:, None, :]
 
 
@@ -373,8 +376,9 @@ class CocaTextModel(nn.Module):
     _supports_sdpa = True  # read by transformers' composite-model checks, as on a PreTrainedModel tower
 
     def forward(self, inputs_embeds, key_valid, position_ids, past_key_values=None, append_cls=False,
-                output_attentions=False, output_hidden_states=False):
-        """inputs_embeds: token embeddings [B, L, D]; key_valid: bool [B, past + L] (False = padding). Returns
+                output_attentions=False, output_hidden_states=False, cache_position=None):
+        """inputs_embeds: token embeddings [B, L, D]; key_valid: bool [B, keys] (False = padding; keys = past + L, or
+        the length of a static cache, where the new tokens sit at `cache_position` [L]). Returns
         (token states [B, L, D] before the final LayerNorm, pooled CLS state or None, hidden states, attentions);
         the hidden states and attentions (CLS included) are None unless asked for."""
         batch, length = inputs_embeds.shape[:2]
@@ -406,7 +410,7 @@ class CocaTextModel(nn.Module):
             cls = self.cls_embedding.to(hidden_states.dtype).expand(batch, 1, -1)
             hidden_states = torch.cat([hidden_states, cls], dim=1)
         hidden_states = hidden_states + self.position_embedding(position_ids)
-        mask = _additive_mask(_causal_key_mask(key_valid, hidden_states.shape[1]), hidden_states.dtype)
+        mask = _additive_mask(_causal_key_mask(key_valid, hidden_states.shape[1], cache_position), hidden_states.dtype)
         all_hidden_states, attentions = [hidden_states], []
         for layer in self.layers:
             hidden_states, weights = layer(hidden_states, attention_mask=mask, past_key_values=past_key_values,
@@ -432,10 +436,10 @@ class CocaMultimodalDecoder(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, image_tokens, key_valid, past_key_values=None, output_attentions=False,
-                output_hidden_states=False):
+                output_hidden_states=False, cache_position=None):
         """Returns (final-LayerNormed states, hidden states, self-attentions, cross-attentions); the last three are
-        None unless asked for."""
-        mask = _additive_mask(_causal_key_mask(key_valid, hidden_states.shape[1]), hidden_states.dtype)
+        None unless asked for. `key_valid` / `cache_position` as in `CocaTextModel.forward`."""
+        mask = _additive_mask(_causal_key_mask(key_valid, hidden_states.shape[1], cache_position), hidden_states.dtype)
         all_hidden_states, self_attentions, cross_attentions = [hidden_states], [], []
         for layer in self.layers:
             hidden_states, self_weights, cross_weights = layer(
@@ -471,6 +475,19 @@ def _name_unreadable_weights(error: Exception, source) -> Exception:
                     broken.append(os.path.join(source, name))
     where = ", ".join(broken) if broken else f"a safetensors file of {source}"
     return OSError(f"{where} cannot be read ({error}); the file is incomplete or damaged: download or save it again")
+
+
+# ---------------------------------------------------------------------------------------------------------- cache
+class CocaCache(EncoderDecoderCache):
+    """The generation cache: self-attention K/V of both text stacks (text encoder layers first, then the decoder's)
+    and the image K/V of each decoder layer. Dynamic (the default) or static (`cache_implementation="static"`).
+
+    Beam search reorders only the self-attention K/V: every beam of an image holds the same image K/V, and beams
+    never move between images, so copying the image K/V at every step (as `EncoderDecoderCache` does) would
+    change nothing."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.self_attention_cache.reorder_cache(beam_idx)
 
 
 # ----------------------------------------------------------------------------------------------- pretrained base
@@ -540,6 +557,8 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
     # tokens (its 5 to 30 count the start token; its 3 beam groups need a Hub download in transformers 5, so plain
     # beams). `save_pretrained` writes it into generation_config.json; explicit `generate` arguments still win.
     recommended_generation = {"caption": {"num_beams": 6, "max_new_tokens": 29, "min_new_tokens": 4}}
+    # with `cache_implementation="static"` the decoding step compiles as one graph (tests/test_coca_compile.py)
+    _can_compile_fullgraph = True
 
     def __init__(self, config: CocaConfig):
         super().__init__(config)
@@ -626,7 +645,7 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
             self.config.text_config, output_attentions, output_hidden_states, return_dict
         )
         inputs_embeds = self._text_embeddings(input_ids, inputs_embeds)
-        key_valid, position_ids = self._text_positions(inputs_embeds, attention_mask, past_length=0)
+        key_valid, position_ids, _ = self._text_positions(inputs_embeds, attention_mask)
         token_states, pooled, hidden_states, attentions = self.text_model(
             inputs_embeds, key_valid, position_ids, append_cls=True, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -649,25 +668,36 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
         return self.text_model.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds
 
     @staticmethod
-    def _text_positions(inputs_embeds, attention_mask, past_length: int):
-        """Key validity [B, past+L] and position ids [B, L]. A token's position counts the real tokens before it,
-        so left padding (batched generation) and masked-out tokens inside a prompt do not shift the positions of
-        the text; padding keeps its place in the row (right padding, the training layout: open_clip's 0..L-1)."""
+    def _text_positions(inputs_embeds, attention_mask, past_length=0, key_length: int | None = None):
+        """Key validity [B, keys], position ids [B, L] and the new tokens' key slots `cache_position` [L].
+
+        A token's position counts the real tokens before it, so left padding (batched generation) and masked-out
+        tokens inside a prompt do not shift the positions of the text; padding keeps its place in the row (right
+        padding, the training layout: open_clip's 0..L-1). `past_length` is the cache's length (a tensor for a
+        static cache, so a compiled decoding step holds no Python int that changes every step); `key_length` the
+        number of key slots (past + L; a static cache's full length, the mask being padded to it: its empty slots
+        lie after every query, where the causal mask hides them)."""
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
+        key_length = length if key_length is None else key_length
         if attention_mask is None:
-            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=device)
-        if attention_mask.shape != (batch, past_length + length):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past_length + length)} "
-                f"(batch, cached + new tokens)"
-            )
+            attention_mask = torch.ones(batch, key_length, dtype=torch.long, device=device)
+        elif attention_mask.shape != (batch, key_length):
+            # (a check on data for a static cache: left out of compiled graphs, which only see padded masks)
+            expected = None if torch.compiler.is_compiling() else (batch, int(past_length) + length)
+            if expected is not None and attention_mask.shape != expected:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected} "
+                    f"(batch, cached + new tokens)"
+                )
+            attention_mask = F.pad(attention_mask, (0, key_length - attention_mask.shape[1]))
         key_valid = attention_mask.bool()
         real_before = attention_mask.long().cumsum(-1) - 1
         left_padding = (real_before == -1).sum(-1, keepdim=True)
-        in_row = torch.arange(past_length + length, device=device)[None] - left_padding
+        in_row = torch.arange(key_length, device=device)[None] - left_padding
         positions = torch.where(key_valid, real_before, in_row).clamp(min=0)
-        return key_valid, positions[:, past_length:]
+        cache_position = torch.arange(length, device=device) + past_length
+        return key_valid, positions[:, cache_position], cache_position
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -708,7 +738,7 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
         if not has_text and pixel_values is None:
             raise ValueError("CocaModel.forward needs input_ids (or inputs_embeds), pixel_values or both")
         if use_cache and past_key_values is None:
-            past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            past_key_values = CocaCache(DynamicCache(), DynamicCache())
         if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
             raise ValueError(
                 f"past_key_values must be an EncoderDecoderCache (self-attention of both text stacks + image K/V), "
@@ -726,11 +756,19 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
         decoder_hidden_states = decoder_attentions = cross_attentions = None
         if has_text:
             inputs_embeds = self._text_embeddings(input_ids, inputs_embeds)
-            past_length = past_key_values.get_seq_length() if incremental else 0
-            key_valid, position_ids = self._text_positions(inputs_embeds, attention_mask, past_length)
+            past_length, key_length = 0, None
+            if incremental:  # a dynamic cache's length is an int; a static one's a tensor, its key slots fixed
+                past_length = past_key_values.get_seq_length()
+                key_length = past_key_values.get_mask_sizes(inputs_embeds.shape[1], 0)[0]
+            key_valid, position_ids, cache_position = self._text_positions(
+                inputs_embeds, attention_mask, past_length, key_length
+            )
+            if not incremental:
+                cache_position = None  # (the CLS token is appended: the queries are all the keys)
             token_states, pooled, hidden_states, attentions = self.text_model(
                 inputs_embeds, key_valid, position_ids, past_key_values=past_key_values, append_cls=not incremental,
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                cache_position=cache_position,
             )
             if pooled is not None:
                 text_embeds = self.text_projection(pooled)
@@ -741,6 +779,7 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
                 decoded, decoder_hidden_states, decoder_attentions, cross_attentions = self.text_decoder(
                     token_states, image_tokens if pairs_up else None, key_valid, past_key_values=past_key_values,
                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                    cache_position=cache_position,
                 )
                 logits = self.lm_head(decoded)
 
@@ -822,18 +861,40 @@ class CocaModel(CocaPreTrainedModel, GenerationMixin):
             prompt_mask[i, length - len(ids):] = 1
         return prompt, prompt_mask
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # The text passes two stacks and cross-attends to image tokens: a DynamicCache sized from one
-        # sub-config would not fit, so the default dynamic cache is ours (layers are created lazily).
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            if generation_config.cache_implementation not in (None, "dynamic"):
-                raise ValueError(
-                    f"CocaModel supports the dynamic cache only, not cache_implementation="
-                    f"{generation_config.cache_implementation!r}"
-                )
-            model_kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            return
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        # The text passes two stacks and cross-attends to image tokens: a cache sized from one sub-config would not
+        # fit, so the caches are built here: self-attention layers for the text encoder then the decoder, and one
+        # image K/V layer per decoder layer.
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode,
+                                                         batch_size, max_cache_length)
+        implementation = generation_config.cache_implementation
+        if implementation in (None, "dynamic"):  # (layers are created lazily)
+            model_kwargs["past_key_values"] = CocaCache(DynamicCache(), DynamicCache())
+        elif implementation == "static":  # fixed shapes: one compiled graph serves every decoding step
+            if generation_config.max_cache_len is not None:
+                max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+            num_self_layers = self.config.text_config.num_hidden_layers + self.config.multimodal_config.num_hidden_layers
+            vision_config = self.config.vision_config
+            num_image_tokens = vision_config.num_pooler_queries - (0 if vision_config.separate_contrastive_query else 1)
+            model_kwargs["past_key_values"] = CocaCache(
+                Cache(layers=[StaticLayer(max_cache_length) for _ in range(num_self_layers)]),
+                Cache(layers=[StaticLayer(num_image_tokens)
+                              for _ in range(self.config.multimodal_config.num_hidden_layers)]),
+            )
+        else:
+            raise ValueError(
+                f"CocaModel supports cache_implementation 'dynamic' (the default) or 'static', not {implementation!r}"
+            )
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+        """`generate` asks for the masks of a compileable (static) cache here. The forward reads the 2D padding mask
+        itself; it is only padded to the cache's key slots, so that every decoding step has the same shapes."""
+        if attention_mask is None:
+            return None
+        key_length = past_key_values.get_mask_sizes(inputs_embeds.shape[1], 0)[0]
+        return F.pad(attention_mask, (0, key_length - attention_mask.shape[1]))
 
 
 def _gather_with_grad(features: torch.Tensor) -> torch.Tensor:
