@@ -369,3 +369,41 @@ def test_instructblip_card_names_the_variant_and_the_question_aware_q_former(tmp
     assert "instruction-tuned on 13 held-in datasets" in text and "16 NVIDIA A100 40GB GPUs" in text
     get_config("blip2-flan-t5-xl").save_pretrained(tmp_path / "blip2")
     assert "question-aware" not in str(render_card(tmp_path / "blip2", "Salesforce-like/blip2-flan-t5-xl"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning with the question-aware Q-Former (BLIP-2 section 4.3)
+
+
+def test_the_xl_vqa_recipe_fine_tunes_the_question_aware_q_former():
+    from hf_vlm.trainers.recipes import get_recipe
+
+    assert get_recipe("blip2-flan-t5-xl-vqa").model_overrides["qformer_text_input"] is True
+
+
+def test_vqa_fine_tuning_with_qformer_text_input_trains_on_the_question(tmp_path, t5_tokenizer_dir, bert_tokenizer_dir):
+    """`hf-vlm finetune --qformer_text_input true` with a processor saved without the flag: the run gives the question
+    to the Q-Former (the model refuses to train otherwise) and its checkpoint's processor keeps doing so."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from hf_vlm.cli import main
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+    from hf_vlm.scenes import export_scenes
+
+    folders = export_scenes(tmp_path / "vqa", {"train": 8}, layout="vqa")
+    Blip2FlanT5Processor.from_tokenizers(AutoTokenizer.from_pretrained(t5_tokenizer_dir),
+                                         AutoTokenizer.from_pretrained(bert_tokenizer_dir),
+                                         image_size=32).save_pretrained(tmp_path / "processor")
+    out = tmp_path / "out"
+    assert main(["finetune", "--recipe", "blip2-tiny-vqa", "--model", "blip2-tiny", "--qformer_text_input", "true",
+              "--processor", str(tmp_path / "processor"), "--train_data", str(folders["train"]),
+              "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+              "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "true",
+              "--dataset_cache_dir", str(tmp_path / "cache")]) in (0, None)
+    model = Blip2FlanT5ForConditionalGeneration.from_pretrained(out)
+    assert model.config.qformer_text_input
+    assert Blip2FlanT5Processor.from_pretrained(out).qformer_text_input
+    losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(losses) == 2 and all(v == v and v > 0 for v in losses)

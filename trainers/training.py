@@ -76,6 +76,9 @@ class ModelArguments:
                   "default: the --model preset's T5 config, randomly initialised"},
     )
     freeze_vision: bool | None = field(default=None, metadata={"help": "override the config's freeze_vision"})
+    qformer_text_input: bool | None = field(
+        default=None, metadata={"help": "override the config's qformer_text_input (BLIP-2: the Q-Former reads the question)"}
+    )
     freeze_language_model: bool | None = field(
         default=None, metadata={"help": "override the config's freeze_language_model (BLIP-2)"}
     )
@@ -222,7 +225,7 @@ def load_model(stage: Stage, model_args: ModelArguments):
 
     model_class = _import(stage.model_class)
     overrides = dict(stage.config_overrides)
-    for name in ("freeze_vision", "freeze_language_model"):
+    for name in ("freeze_vision", "freeze_language_model", "qformer_text_input"):
         if getattr(model_args, name) is not None:
             overrides[name] = getattr(model_args, name)
     if model_args.init_qformer_from:
@@ -285,6 +288,9 @@ def build_data(stage: Stage, model, processor, data_args: DataArguments, trainin
     image_size = data_args.image_size or model.config.vision_config.image_size
     augmentation = data_args.augmentation or data_recipe(stage.data_recipe).augmentation
     kwargs = {}
+    if getattr(model.config, "qformer_text_input", False) and hasattr(processor, "qformer_text_input"):
+        # the collator then gives the prompt to the question-aware Q-Former; checkpoints save the processor so
+        processor.qformer_text_input = True
     if _is_processor(processor):
         kwargs["processor"] = processor
         kwargs["image_size"] = image_size
