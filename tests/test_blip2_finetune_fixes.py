@@ -77,3 +77,31 @@ def test_reentrant_checkpointing_trains_every_lora_adapter(lora_first, vision_ad
     for name, grad in checkpointed.items():
         assert grad is not None and grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, plain[name], msg=name)
+
+
+def test_train_mode_reaches_lora_inside_the_frozen_towers_and_nothing_else_of_theirs():
+    """Issue 20.3: `train()` keeps the frozen ViT and T5 in eval mode (no dropout / drop-path, as BLIP-2 trains), but
+    it also silenced the LoRA dropout peft injects there. What trains inside a frozen tower now follows train():
+    peft's adapter layers and submodules whose parameters all require grad."""
+    targets = rf"({QFORMER_AND_T5_TARGETS}|vision_model\.blocks\.\d+\.attn\.proj)"
+    model = tiny_stage2()
+    peft_model = peft().get_peft_model(model, peft().LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                                target_modules=targets))
+    model.language_model.decoder.block[-1].requires_grad_(True)  # and one T5 block unfrozen by hand
+    peft_model.train()
+
+    lora_dropouts = {name: m for name, m in model.named_modules() if name.endswith("lora_dropout.default")}
+    assert {name.split(".")[0] for name in lora_dropouts} == {"vision_model", "qformer", "language_model"}
+    assert all(isinstance(m, torch.nn.Dropout) and m.training for m in lora_dropouts.values())
+    unfrozen = model.language_model.decoder.block[-1]
+    for tower in (model.vision_model, model.language_model):
+        own = {name: m for name, m in tower.named_modules() if "lora_" not in name and name != "" and not any(
+            m is u for u in unfrozen.modules())}
+        assert any("drop" in name.rsplit(".", 1)[-1] for name in own)  # T5's dropout, EVA's drop-path / dropout
+        training = [name for name, m in own.items() if m.training and not hasattr(m, "base_layer")]
+        assert training == [], training  # the frozen towers' own dropout, drop-path and LoRA's base layers: eval
+    assert all(m.training for m in unfrozen.modules())
+    assert model.qformer.training and model.qformer.dropout.training  # trained in full, as before
+
+    peft_model.eval()
+    assert not any(m.training for m in peft_model.modules())

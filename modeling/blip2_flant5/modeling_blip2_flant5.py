@@ -549,12 +549,13 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def train(self, mode: bool = True):
-        """Frozen parts stay in eval mode (no dropout / drop-path), as BLIP-2 trains."""
+        """Frozen parts stay in eval mode (no dropout / drop-path), as BLIP-2 trains; what trains inside them (LoRA
+        layers, unfrozen blocks) follows `mode` (issue 20.3)."""
         super().train(mode)
         if self.config.freeze_vision:
-            self.vision_model.eval()
+            _eval_except_trainable_parts(self.vision_model, mode)
         if getattr(self.config, "freeze_language_model", False) and hasattr(self, "language_model"):
-            self.language_model.eval()
+            _eval_except_trainable_parts(self.language_model, mode)
         return self
 
     def get_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -636,6 +637,37 @@ def _name_unreadable_weights(error: Exception, source) -> Exception:
                     broken.append(os.path.join(source, name))
     where = ", ".join(broken) if broken else f"a safetensors file of {source}"
     return OSError(f"{where} cannot be read ({error}); the file is incomplete or damaged: download or save it again")
+
+
+def _eval_except_trainable_parts(tower: nn.Module, mode: bool):
+    """A frozen tower in eval mode, except what trains inside it, which follows `mode`: adapter layers (peft's keep
+    the frozen module they wrap as `base_layer`, which stays in eval mode; their dropout trains) and submodules whose
+    parameters all require grad. Two passes over the modules: the Trainer calls train() every step."""
+    if not mode:
+        tower.eval()
+        return
+    trainable = {}  # id(module) -> (any, all) of the parameters under it require grad
+
+    def count(module):
+        flags = [p.requires_grad for p in module._parameters.values() if p is not None]  # its own (fast)
+        any_grad, all_grad = any(flags), all(flags)
+        for child in module.children():
+            child_any, child_all = count(child)
+            any_grad, all_grad = any_grad or child_any, all_grad and child_all
+        trainable[id(module)] = any_grad, all_grad
+        return any_grad, all_grad
+
+    def set_training(module, inherited: bool):
+        any_grad, all_grad = trainable[id(module)]
+        whole = inherited or (any_grad and all_grad)
+        base_layer = getattr(module, "base_layer", None)
+        adapter = any_grad and isinstance(base_layer, nn.Module)
+        module.training = whole or adapter
+        for child in module.children():
+            set_training(child, whole or (adapter and child is not base_layer))
+
+    count(tower)
+    set_training(tower, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
