@@ -8,7 +8,7 @@ import torch
 import hf_vlm  # noqa: F401  (registers the Auto classes)
 from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor
 from hf_vlm.presets import get_config
-from hf_vlm.testing import require
+from hf_vlm.testing import random_image, require
 
 QUESTION = "Question: what color is the circle? Short answer:"
 # LoRA where the issue's recipe puts it: the Q-Former's attention and T5's q / v.
@@ -105,3 +105,27 @@ def test_train_mode_reaches_lora_inside_the_frozen_towers_and_nothing_else_of_th
 
     peft_model.eval()
     assert not any(m.training for m in peft_model.modules())
+
+
+def test_peft_seq2seq_lm_wrapper_runs_forward_and_generate(processor):
+    """Issue 20.4: `task_type="SEQ_2_SEQ_LM"` wraps the model in peft's PeftModelForSeq2SeqLM, which calls forward
+    with T5's full argument list (`inputs_embeds=None`, `decoder_inputs_embeds=None`, ...) and generate with keyword
+    arguments only. A fresh LoRA (B = 0) changes nothing: the same loss and the same tokens."""
+    model = tiny_stage2().eval()
+    images = [random_image(seed=1), random_image(seed=2)]
+    batch = processor(images=images, text=[QUESTION, "a photo of"], text_target=["red", "a red circle"],
+                      return_tensors="pt")
+    prompts = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected_loss = model(**batch).loss
+    expected_tokens = model.generate(**prompts, max_new_tokens=5)
+
+    peft_model = peft().get_peft_model(model, peft().LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8,
+                                                                target_modules=QFORMER_AND_T5_TARGETS))
+    assert isinstance(peft_model, peft().PeftModelForSeq2SeqLM)
+    peft_model.eval()
+    with torch.no_grad():
+        output = peft_model(**batch)
+    torch.testing.assert_close(output.loss, expected_loss)
+    assert output.logits.shape[:2] == batch["labels"].shape
+    assert torch.equal(peft_model.generate(**prompts, max_new_tokens=5), expected_tokens)
