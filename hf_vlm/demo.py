@@ -1,15 +1,22 @@
 """`make demo` / `hf-vlm demo`: hf-vlm's whole job on a laptop CPU, with no downloads.
 
-1. draws synthetic scenes (hf_vlm.scenes) and exports them like any corpus (webdataset shards for
-   captions, an imagefolder for VQA);
-2. trains the tokenizers on the training captions and questions;
-3. pretrains coca-tiny (contrastive + caption) and blip2-tiny (stage 1, stage 2, VQA fine-tune) with
-   the same trainers/ scripts and recipes users launch (`python -m hf_vlm.trainers.pretrain ...`);
-4. evaluates both on the held-out test split and prints the table (eval_results.json per checkpoint);
-5. writes model cards; 6. serves the Space on 127.0.0.1 with the two models (unless --no-serve).
+BLIP-2 is built as the paper builds it, with small stand-ins for its two frozen, pretrained towers:
 
-Checkpoints land in $HF_VLM_DEMO_DIR/checkpoints/{coca,blip2} (hf_vlm.space.demo_checkpoint, where the
-Space looks for them); an existing pair is reused unless --force.
+1. draws synthetic scenes (hf_vlm.scenes) and exports them like any corpus (webdataset shards for
+   captions, an imagefolder for VQA, a jsonl of their text);
+2. trains the tokenizers on the training captions and questions;
+3. pretrains, side by side, coca-tiny (contrastive + caption; its ViT becomes BLIP-2's image encoder, the
+   stand-in for EVA ViT-g/14) and a small T5 on the scene text (hf_vlm.demo_lm; the stand-in for FlanT5-XL);
+4. trains BLIP-2 with both towers frozen: stage 1 (ITC + ITM + ITG) from the CoCa ViT, stage 2 (LM loss) with
+   the T5; then fine-tunes for VQA as the paper does (Q-Former and ViT train, T5 frozen) with the
+   question-aware Q-Former. All through the trainers/ scripts and recipes users launch;
+5. evaluates on the held-out test split (BLIP-2 captions from the stage-2 checkpoint, answers from the VQA
+   one) and prints the table and the targets (eval_results.json per checkpoint);
+6. writes model cards and the report (<demo>/report.html, hf_vlm.demo_report);
+7. serves the Space on 127.0.0.1 with the models (unless --no-serve).
+
+Checkpoints land in $HF_VLM_DEMO_DIR/checkpoints/{coca,blip2,blip2-caption} (hf_vlm.space.demo_checkpoint, where
+the Space looks for them); an existing set is reused unless --force.
 """
 
 from __future__ import annotations
@@ -24,32 +31,61 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# The demo's two checkpoints (evaluated on every task their model type supports), and the targets.
-DEMO_MODELS = ("coca", "blip2")
+from hf_vlm.scenes import QUESTION_TYPES
+
+# The demo's checkpoints and the tasks each is evaluated on: BLIP-2's VQA fine-tune answers, its stage-2
+# checkpoint captions (VQA fine-tuning teaches the Q-Former to extract answers, not captions).
+EVAL_TASKS = {"coca": ("caption", "zero-shot", "retrieval"), "blip2": ("vqa",), "blip2-caption": ("caption",)}
+DEMO_MODELS = tuple(EVAL_TASKS)
 _TQDM_STEPS = re.compile(r"(\d+)/(\d+) \[")
-TARGETS = {("blip2", "vqa", "vqa_accuracy"): 0.85, ("coca", "caption", "cider"): 1.5, ("coca", "zero-shot", "top1"): 0.9}
+TARGETS = {
+    ("blip2", "vqa", "vqa_accuracy"): 0.85,
+    **{("blip2", "vqa", f"vqa_accuracy/{kind}"): 0.7 for kind in QUESTION_TYPES},
+    ("blip2-caption", "caption", "cider"): 3.0,
+    ("coca", "zero-shot", "top1"): 0.9,
+    ("coca", "caption", "cider"): 5.0,
+}
 
 
 @dataclass(frozen=True)
 class StageRun:
-    """One training run: a recipe of trainers/recipes/ plus the overrides the demo gives it."""
+    """One training run: a recipe of trainers/recipes/ (or the demo's T5 pretraining) plus the demo's overrides.
+
+    The runs it starts from are named by `init`, `vision_from`, `init_qformer_from` and `language_model`; a run
+    starts as soon as those are done, so the two tower pretrainings run side by side.
+    """
 
     name: str  # checkpoint folder under <demo>/runs/
-    script: str  # "pretrain" or "finetune"
+    script: str  # "pretrain" / "finetune" (hf_vlm.trainers) or "text-lm" (hf_vlm.demo_lm)
     recipe: str
-    data: str  # "captions" or "vqa"
+    data: str  # "captions", "vqa" or "text"
     max_steps: int
     learning_rate: float
     batch_size: int
     init: str | None = None  # --model: the run whose output this one starts from
+    vision_from: str | None = None  # blip2 stage 1: the CoCa run whose ViT becomes the frozen image encoder
     init_qformer_from: str | None = None  # blip2 stage 2: the stage-1 run
+    language_model: str | None = None  # blip2 stage 2: the T5 run, frozen
+    qformer_text_from: str | None = None  # blip2 VQA: the stage-1 run whose Q-Former text path reads the question
     extra_args: tuple[str, ...] = ()
 
+    @property
+    def family(self) -> str:
+        return "coca" if self.recipe.startswith("coca") else "blip2"
 
-# BLIP-2 freezes a *pretrained* EVA ViT and FlanT5. None can be had offline, and frozen random towers
-# cannot learn the task (with a frozen random T5 the stage-2 loss stayed above a uniform guess, 7.0 >
-# ln 128; with a frozen random ViT, VQA stayed at the answer prior), so the demo trains them.
-TRAIN_TINY_TOWERS = ("--freeze_language_model", "false", "--freeze_vision", "false")
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.init, self.vision_from, self.init_qformer_from, self.language_model,
+                               self.qformer_text_from) if n)
+
+
+# The demo's BLIP-2 at demo size (the shared blip2-tiny preset stays as tests use it): the ViT's shape comes
+# from the CoCa run (`blip2_vision_config_from_coca`), the T5's from `DemoPlan.language_model`.
+DEMO_QFORMER = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+                "cross_attention_frequency": 1}
+DEMO_BLIP2 = {"num_query_tokens": 8, "image_text_hidden_size": 64}
+# VQA fine-tuning as the paper does it: Q-Former and ViT train, the language model stays frozen.
+VQA_FINETUNE = ("--freeze_vision", "false", "--freeze_language_model", "true")
 
 
 @dataclass(frozen=True)
@@ -61,30 +97,33 @@ class DemoPlan:
     vqa_scenes: int = 3000
     test_scenes: int = 300
     vocab_size: int = 128
+    # The T5 stand-in for FlanT5 (hf_vlm.demo_lm): width and layers of encoder and decoder.
+    language_model: dict = field(default_factory=lambda: {"d_model": 128, "num_layers": 2, "num_heads": 4})
     # Scene captions and answers name positions and colours, which the recipes' crops, flips and colour
     # jitter would falsify ("left of" flipped is a lie): train on the evaluation transform.
     augmentation: str = "none"
     runs: tuple[StageRun, ...] = field(default_factory=lambda: (
-        StageRun("coca", "pretrain", "coca-tiny", "captions", 2500, 2e-3, 64),
-        StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 300, 1e-3, 32,
-                 extra_args=TRAIN_TINY_TOWERS[2:]),
-        StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 1000, 2e-3, 32,
-                 init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_TOWERS),
-        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 2500, 1e-3, 32, init="blip2-stage2",
-                 extra_args=TRAIN_TINY_TOWERS),
+        StageRun("coca", "pretrain", "coca-tiny", "captions", 1500, 2e-3, 64),
+        StageRun("t5", "text-lm", "t5-scene-text", "text", 1200, 2e-3, 8),
+        StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 300, 1e-3, 32, vision_from="coca"),
+        StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 800, 2e-3, 32,
+                 init_qformer_from="blip2-stage1", language_model="t5"),
+        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 1500, 1e-3, 32, init="blip2-stage2",
+                 qformer_text_from="blip2-stage1", extra_args=VQA_FINETUNE),
     ))
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        """About 4 minutes on 2 idle cores: enough to beat chance clearly, not to reach the targets."""
-        return cls(caption_scenes=2000, vqa_scenes=600, test_scenes=100, runs=(
-            StageRun("coca", "pretrain", "coca-tiny", "captions", 300, 2e-3, 32),
-            StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 30, 1e-3, 32,
-                     extra_args=TRAIN_TINY_TOWERS[2:]),
-            StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 300, 2e-3, 32,
-                     init_qformer_from="blip2-stage1", extra_args=TRAIN_TINY_TOWERS),
-            StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 500, 1e-3, 32, init="blip2-stage2",
-                     extra_args=TRAIN_TINY_TOWERS),
+        """A few minutes on 2 idle cores: enough to show the frozen towers stay frozen and the captioner reads
+        the image, not to reach the targets."""
+        return cls(caption_scenes=1500, vqa_scenes=400, test_scenes=100, runs=(
+            StageRun("coca", "pretrain", "coca-tiny", "captions", 250, 2e-3, 32),
+            StageRun("t5", "text-lm", "t5-scene-text", "text", 150, 2e-3, 32),
+            StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 30, 1e-3, 32, vision_from="coca"),
+            StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 250, 2e-3, 32,
+                     init_qformer_from="blip2-stage1", language_model="t5"),
+            StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 150, 1e-3, 32, init="blip2-stage2",
+                     qformer_text_from="blip2-stage1", extra_args=VQA_FINETUNE),
         ))
 
 
@@ -105,23 +144,34 @@ def _stamp(folder: Path, facts: dict) -> None:
 
 
 def prepare_data(plan: DemoPlan, folder: Path) -> dict[str, Path]:
-    """Training data exported like a real corpus; drawn again when the plan's scene counts or size change."""
+    """Training data exported like a real corpus; drawn again when the plan's scene counts or size change.
+
+    "text" is the text of every training scene (captions, questions, answers), the T5's pretraining corpus."""
     from hf_vlm import scenes
 
     config = scenes.SceneConfig(image_size=plan.image_size)
-    captions, vqa = folder / "captions", folder / "vqa"
+    paths = {"captions": folder / "captions", "vqa": folder / "vqa", "text": folder / "text.jsonl"}
     facts = {"caption_scenes": plan.caption_scenes, "vqa_scenes": plan.vqa_scenes, "image_size": plan.image_size}
     if _made_for(folder, facts):
-        return {"captions": captions, "vqa": vqa}
+        return paths
     shutil.rmtree(folder, ignore_errors=True)
-    _log(f"drawing {plan.caption_scenes} training scenes -> {captions}")
-    scenes.export_webdataset(scenes.generate_scenes("train", plan.caption_scenes, config=config), captions)
-    _log(f"drawing {plan.vqa_scenes} training scenes for VQA -> {vqa}")
-    # Scenes after the caption ones: same split and distribution, other images.
-    rows = scenes.generate_scenes("train", plan.vqa_scenes, config=config, start=plan.caption_scenes)
-    scenes.export_imagefolder(scenes.vqa_rows(rows), vqa)
+    folder.mkdir(parents=True)
+    with open(paths["text"], "w") as text:
+
+        def keeping_text(rows):
+            for row in rows:
+                text.write(json.dumps({k: row[k] for k in ("caption", "questions", "answers")}) + "\n")
+                yield row
+
+        _log(f"drawing {plan.caption_scenes} training scenes -> {paths['captions']}")
+        scenes.export_webdataset(keeping_text(scenes.generate_scenes("train", plan.caption_scenes, config=config)),
+                                 paths["captions"])
+        _log(f"drawing {plan.vqa_scenes} training scenes for VQA -> {paths['vqa']}")
+        # Scenes after the caption ones: same split and distribution, other images.
+        rows = scenes.generate_scenes("train", plan.vqa_scenes, config=config, start=plan.caption_scenes)
+        scenes.export_imagefolder(scenes.vqa_rows(keeping_text(rows)), paths["vqa"])
     _stamp(folder, facts)
-    return {"captions": captions, "vqa": vqa}
+    return paths
 
 
 def build_processors(plan: DemoPlan, folder: Path) -> dict[str, Path]:
@@ -154,30 +204,156 @@ def build_processors(plan: DemoPlan, folder: Path) -> dict[str, Path]:
     return paths
 
 
+# --------------------------------------------------------------------------------------------------
+# The frozen towers: the CoCa run's ViT becomes BLIP-2's image encoder (through the swappable timm backbone)
+
+
+COCA_TRUNK_PREFIX = "vision_model.trunk."  # CocaModel's timm ViT; BLIP-2's is `vision_model.`
+
+
+def blip2_vision_config_from_coca(coca_vision_config) -> dict:
+    """The `Blip2FlanT5VisionConfig` fields that build the same timm ViT as a CoCa vision config.
+
+    BLIP-2 names timm's embed_dim / depth / num_heads / patch_size / mlp_ratio in transformers' words and passes the
+    rest of timm's arguments (e.g. `final_norm`) through `timm_kwargs`; CoCa passes them all as `timm_model_args`.
+    """
+    args = dict(coca_vision_config.timm_model_args)
+    shape = ("patch_size", "embed_dim", "depth", "num_heads")
+    missing = [name for name in shape if name not in args]
+    if missing:
+        raise ValueError(f"the CoCa vision_config.timm_model_args lacks {missing}: name the ViT's shape explicitly")
+    hidden_size = args.pop("embed_dim")
+    return {
+        "timm_model_name": coca_vision_config.timm_model_name,
+        "image_size": coca_vision_config.image_size,
+        "patch_size": args.pop("patch_size"),
+        "hidden_size": hidden_size,
+        "num_hidden_layers": args.pop("depth"),
+        "num_attention_heads": args.pop("num_heads"),
+        "intermediate_size": int(args.pop("mlp_ratio", 4.0) * hidden_size),
+        "timm_kwargs": args,
+    }
+
+
+def blip2_with_coca_vision(coca_checkpoint: str | Path, blip2_config):
+    """A `Blip2FlanT5ForPretraining` whose image encoder is the CoCa checkpoint's ViT, weight for weight.
+
+    `blip2_config.vision_config` must describe that ViT (`blip2_vision_config_from_coca`). Strict key accounting:
+    every tensor of the CoCa trunk is loaded and every tensor of BLIP-2's ViT comes from it; `ln_vision`, the
+    query tokens and the Q-Former keep their fresh init. CoCa's attentional poolers and text towers are not used.
+    """
+    from safetensors.torch import load_file
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForPretraining
+
+    coca_state = load_file(str(Path(coca_checkpoint) / "model.safetensors"))
+    vit_state = {k.removeprefix(COCA_TRUNK_PREFIX): v for k, v in coca_state.items() if k.startswith(COCA_TRUNK_PREFIX)}
+    if not vit_state:
+        raise ValueError(f"{coca_checkpoint}/model.safetensors has no {COCA_TRUNK_PREFIX}* tensors: not a CoCa checkpoint")
+    model = Blip2FlanT5ForPretraining(blip2_config)
+    missing, unexpected = model.vision_model.load_state_dict(vit_state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the CoCa ViT does not fit BLIP-2's vision_config: BLIP-2 tensors not in CoCa {missing}, "
+                         f"CoCa tensors BLIP-2 lacks {unexpected}")
+    return model
+
+
+def build_blip2_init(plan: DemoPlan, coca_run: Path, processor: Path, output: Path) -> Path:
+    """Stage 1's starting checkpoint: the demo-size BLIP-2 with the CoCa ViT (frozen by the config's freeze_vision)."""
+    from transformers import AutoProcessor
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Config
+    from hf_vlm.modeling.coca import CocaConfig
+    from hf_vlm.presets import preset_dict
+
+    tiny = {k: v for k, v in preset_dict("blip2-tiny").items() if k != "model_type"}
+    config = Blip2FlanT5Config(**{
+        **tiny, **DEMO_BLIP2,
+        "vision_config": blip2_vision_config_from_coca(CocaConfig.from_pretrained(coca_run).vision_config),
+        "qformer_config": {**tiny["qformer_config"], **DEMO_QFORMER},
+    })
+    blip2_with_coca_vision(coca_run, config).save_pretrained(output)
+    AutoProcessor.from_pretrained(processor).save_pretrained(output)
+    return output
+
+
+def build_vqa_init(stage1: Path, stage2: Path, processor: Path, output: Path) -> Path:
+    """The VQA fine-tune's start: the stage-2 checkpoint with the question-aware Q-Former switched on, as BLIP-2's
+    VQA fine-tuning (section 4.3) and InstructBLIP give the question to the Q-Former.
+
+    Stage 2 drops the Q-Former's text path (word embeddings, text feed-forwards); it comes back from stage 1, which
+    trained it. Strict key accounting: every tensor stage 2 lacks is in stage 1.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration
+
+    model, info = Blip2FlanT5ForConditionalGeneration.from_pretrained(
+        stage2, qformer_text_input=True, output_loading_info=True)
+    stage1_state = load_file(str(stage1 / "model.safetensors"))
+    text_path = set(info["missing_keys"])
+    if not text_path or text_path - set(stage1_state) or info["unexpected_keys"]:
+        raise ValueError(f"the question-aware Q-Former's text path should come from stage 1: missing in both "
+                         f"{sorted(text_path - set(stage1_state))}, unexpected {info['unexpected_keys']}")
+    model.load_state_dict({key: stage1_state[key] for key in text_path}, strict=False)
+    model.save_pretrained(output)
+    question_aware = AutoProcessor.from_pretrained(processor)
+    question_aware.qformer_text_input = True
+    question_aware.save_pretrained(output)
+    return output
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def _command(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], processors: dict[str, Path]):
+    """The command line of one run, as a user would type it."""
+    common = [
+        "--output_dir", str(runs_dir / run.name), "--max_steps", str(run.max_steps),
+        "--learning_rate", str(run.learning_rate), "--per_device_train_batch_size", str(run.batch_size),
+        "--save_strategy", "no", "--logging_steps", str(max(run.max_steps // 20, 1)), "--disable_tqdm", "false",
+        "--report_to", "none",
+    ]
+    if run.script == "text-lm":
+        model = [f"--{name}={value}" for name, value in plan.language_model.items()]
+        return [sys.executable, "-m", "hf_vlm.demo_lm", "--text_corpus", str(data["text"]),
+                "--processor", str(processors["blip2"]), *model, *common, "--warmup_steps", "0.05",
+                "--lr_scheduler_type", "cosine"]
+    built_init = run.vision_from or run.qformer_text_from  # `train` builds <name>-init from the runs it needs
+    processor = runs_dir / f"{run.name}-init" if built_init else processors[run.family]
+    args = [sys.executable, "-m", f"hf_vlm.trainers.{run.script}", "--recipe", run.recipe,
+            "--train_data", str(data[run.data]), "--processor", str(processor),
+            "--augmentation", plan.augmentation, *common]
+    if built_init:
+        args += ["--model", str(runs_dir / f"{run.name}-init")]
+    elif run.init:
+        args += ["--model", str(runs_dir / run.init)]
+    if run.init_qformer_from:
+        args += ["--init_qformer_from", str(runs_dir / run.init_qformer_from)]
+    if run.language_model:
+        args += ["--language_model", str(runs_dir / run.language_model)]
+    return args + list(run.extra_args)
+
+
 def train(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], processors: dict[str, Path], *,
           position: int = 0) -> Path:
-    """Launch one recipe through trainers/ exactly as a user would (`python -m hf_vlm.trainers...`).
+    """Launch one run exactly as a user would (`python -m hf_vlm.trainers...`).
 
     The run's full output goes to <runs>/<name>.log; a progress bar here follows its steps.
     """
     from tqdm.auto import tqdm
 
     output = runs_dir / run.name
-    family = "coca" if run.recipe.startswith("coca") else "blip2"
-    args = [
-        sys.executable, "-m", f"hf_vlm.trainers.{run.script}", "--recipe", run.recipe,
-        "--train_data", str(data[run.data]), "--output_dir", str(output),
-        "--max_steps", str(run.max_steps), "--learning_rate", str(run.learning_rate),
-        "--per_device_train_batch_size", str(run.batch_size), "--save_strategy", "no",
-        "--logging_steps", str(max(run.max_steps // 10, 1)), "--processor", str(processors[family]),
-        "--disable_tqdm", "false", "--augmentation", plan.augmentation,
-    ]
-    if run.init:
-        args += ["--model", str(runs_dir / run.init)]
-    if run.init_qformer_from:
-        args += ["--init_qformer_from", str(runs_dir / run.init_qformer_from)]
-    args += run.extra_args
     runs_dir.mkdir(parents=True, exist_ok=True)
+    # The towers BLIP-2 starts from are built from finished runs, here rather than in a trainer.
+    if run.vision_from:
+        build_blip2_init(plan, runs_dir / run.vision_from, processors["blip2"], runs_dir / f"{run.name}-init")
+    if run.qformer_text_from:
+        build_vqa_init(runs_dir / run.qformer_text_from, runs_dir / run.init, processors["blip2"],
+                       runs_dir / f"{run.name}-init")
+    args = _command(run, plan, runs_dir, data, processors)
     log_path = runs_dir / f"{run.name}.log"
     # Tiny models on a small CPU: one thread per run, runs side by side, beats threads that spin-wait on
     # each other (measured 15-20x faster per step on a loaded 2-core machine).
@@ -185,10 +361,12 @@ def train(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], 
     started = time.monotonic()
     with open(log_path, "w") as log, tqdm(total=run.max_steps, desc=run.name, position=position, unit="step",
                                           leave=True) as bar:
+        log.write(" ".join(args) + "\n")
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         buffer = b""
         while chunk := process.stdout.read1(4096):
             log.write(chunk.decode(errors="replace"))
+            log.flush()
             buffer = (buffer + chunk)[-4096:]
             # The Trainer's own tqdm line reads "... 270/600 [..."; follow the newest one.
             steps = _TQDM_STEPS.findall(buffer.decode(errors="replace"))
@@ -198,26 +376,37 @@ def train(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], 
             raise RuntimeError(f"training {run.name} failed (exit {process.returncode}); its log: {log_path}\n"
                                + log_path.read_text()[-3000:])
         bar.update(run.max_steps - bar.n)
-    _log(f"{run.name} trained in {time.monotonic() - started:.0f} s (log: {log_path})")
+    seconds = time.monotonic() - started
+    _log(f"{run.name} trained in {seconds:.0f} s, {run.max_steps / seconds:.2f} steps/s "
+         f"(load {os.getloadavg()[0]:.1f}; log: {log_path})")
     return output
 
 
 def train_all(plan: DemoPlan, runs_dir: Path, data: dict[str, Path], processors: dict[str, Path]) -> dict:
-    """The CoCa run and the BLIP-2 chain (stage 1 -> stage 2 -> VQA) side by side, one core each."""
+    """Every run in its own thread, started when the runs it needs are done: CoCa and the T5 side by side, one
+    core each, then the BLIP-2 chain (stage 1 -> stage 2 -> VQA)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    chains: dict[str, list[StageRun]] = {}
+    names = [run.name for run in plan.runs]
     for run in plan.runs:
-        chains.setdefault("coca" if run.recipe.startswith("coca") else "blip2", []).append(run)
+        unknown = [n for n in run.needs if n not in names[:names.index(run.name)]]
+        if unknown:
+            raise ValueError(f"demo run {run.name!r} needs {unknown}, which are not runs listed before it")
+    futures = {}
 
-    def run_chain(position: int, runs: list[StageRun]) -> dict[str, Path]:
-        return {run.name: train(run, plan, runs_dir, data, processors, position=position) for run in runs}
+    def run_after_needs(position: int, run: StageRun) -> Path:
+        for name in run.needs:
+            futures[name].result()
+        return train(run, plan, runs_dir, data, processors, position=position)
 
-    outputs: dict[str, Path] = {}
-    with ThreadPoolExecutor(len(chains)) as pool:
-        for result in [pool.submit(run_chain, i, runs) for i, runs in enumerate(chains.values())]:
-            outputs.update(result.result())
-    return outputs
+    with ThreadPoolExecutor(len(plan.runs)) as pool:
+        for position, run in enumerate(plan.runs):
+            futures[run.name] = pool.submit(run_after_needs, position, run)
+        return {name: future.result() for name, future in futures.items()}
+
+
+# Which run each published checkpoint is.
+PUBLISHED_RUNS = {"coca": "coca", "blip2": "blip2", "blip2-caption": "blip2-stage2"}
 
 
 def evaluate(checkpoints: dict[str, Path], plan: DemoPlan) -> dict[str, dict]:
@@ -225,8 +414,8 @@ def evaluate(checkpoints: dict[str, Path], plan: DemoPlan) -> dict[str, dict]:
 
     results = {}
     for name, checkpoint in checkpoints.items():
-        _log(f"evaluating {name} on {plan.test_scenes} held-out test scenes")
-        results[name] = run_eval(str(checkpoint), data="scenes:test",
+        _log(f"evaluating {name} ({', '.join(EVAL_TASKS[name])}) on {plan.test_scenes} held-out test scenes")
+        results[name] = run_eval(str(checkpoint), EVAL_TASKS[name], data="scenes:test",
                                  num_samples=plan.test_scenes, scene_image_size=plan.image_size)
     return results
 
@@ -235,10 +424,20 @@ def target_report(results: dict[str, dict]) -> list[str]:
     lines = []
     for (model, task, metric), target in TARGETS.items():
         value = results.get(model, {}).get(task, {}).get("metrics", {}).get(metric)
-        verdict = "not measured" if value is None else ("reached" if value >= target else "NOT reached")
+        verdict = "not measured" if value is None else ("reached" if value >= target else "MISSED")
         shown = "-" if value is None else f"{value:.3f}"
         lines.append(f"{model} {task} {metric}: {shown} (target >= {target}) {verdict}")
     return lines
+
+
+def write_demo_report(plan: DemoPlan, root: Path, results: dict, targets: list[str], notes: str = "") -> Path:
+    """<demo>/report.html from the published checkpoints and the runs' trainer_state.json (hf_vlm.demo_report)."""
+    from hf_vlm.demo_report import write_report
+    from hf_vlm.space import demo_checkpoint
+
+    return write_report(root, results=results, targets=targets, run_names=[run.name for run in plan.runs],
+                        checkpoints={name: demo_checkpoint(name) for name in DEMO_MODELS},
+                        image_size=plan.image_size, notes=notes)
 
 
 def run_demo(*, force: bool = False, serve: bool = True, quick: bool = False, host: str = "127.0.0.1",
@@ -258,7 +457,7 @@ def run_demo(*, force: bool = False, serve: bool = True, quick: bool = False, ho
             # Publish atomically: the Space only ever sees a complete checkpoint folder.
             staging = checkpoint.with_name(f".{name}.tmp")
             shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(outputs[name], staging)
+            shutil.copytree(outputs[PUBLISHED_RUNS[name]], staging)
             shutil.rmtree(checkpoint, ignore_errors=True)
             staging.replace(checkpoint)
     else:
@@ -267,12 +466,17 @@ def run_demo(*, force: bool = False, serve: bool = True, quick: bool = False, ho
     for checkpoint in checkpoints.values():
         write_card(checkpoint)
     report = target_report(results)
+    seconds = time.monotonic() - started
     (root / "demo_results.json").write_text(json.dumps(
-        {"results": results, "targets": report, "seconds": round(time.monotonic() - started, 1),
+        {"results": results, "targets": report, "seconds": round(seconds, 1), "load_average": os.getloadavg(),
          "plan": asdict(plan)}, indent=2, default=str) + "\n")
-    _log(f"done in {time.monotonic() - started:.0f} s")
+    page = write_demo_report(plan, root, results, report,
+                             notes=f"{seconds:.0f} s on {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+                                   "at the end")
+    _log(f"done in {seconds:.0f} s")
     for line in report:
         _log(line)
+    _log(f"report: {page}")
     if serve:
         from hf_vlm.space import create_demo, launch
 

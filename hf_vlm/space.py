@@ -9,6 +9,8 @@ Models come from environment variables, never from the UI (a visitor cannot make
     HF_VLM_BLIP2, HF_VLM_COCA   a local folder or a Hub id
     (unset)                     the `make demo` checkpoints: $HF_VLM_DEMO_DIR/checkpoints/{blip2,coca},
                                 HF_VLM_DEMO_DIR defaulting to ./.demo (see `demo_checkpoint`)
+    HF_VLM_BLIP2_CAPTION        optional: a BLIP-2 that captions (the demo's blip2-caption, its stage-2
+                                checkpoint, when the demo's blip2 is loaded); unset: HF_VLM_BLIP2 captions too
 
 They are loaded once, in bf16 on a GPU when one is available, on the CPU in fp32, or in bf16 with
 HF_VLM_CPU_DTYPE=bfloat16 (half the memory: BLIP-2-FlanT5-XL takes ~7.9 GB instead of ~15.8 GB; the pushed Space sets
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 BLIP2_ENV = "HF_VLM_BLIP2"
 COCA_ENV = "HF_VLM_COCA"
+BLIP2_CAPTION_ENV = "HF_VLM_BLIP2_CAPTION"
 CPU_DTYPE_ENV = "HF_VLM_CPU_DTYPE"  # float32 (default) or bfloat16: the low-memory CPU path
 CPU_DTYPES = ("float32", "bfloat16")
 GPU_SECONDS = 60  # ZeroGPU: the longest a model call may hold the GPU (`spaces.GPU(duration=...)`)
@@ -121,6 +124,7 @@ class LoadedModel:
 class SpaceModels:
     blip2: LoadedModel | None
     coca: LoadedModel | None
+    blip2_caption: LoadedModel | None = None  # captions instead of `blip2` when set (the demo's stage 2)
 
     def zero_shot_template(self) -> str:
         """The demo CoCa learned captions phrased like its scenes; other checkpoints get CLIP's template."""
@@ -137,6 +141,12 @@ class SpaceModels:
             else:
                 dtype = str(loaded.dtype).removeprefix("torch.")
                 parts.append(f"**{title}**: `{loaded.source}` ({loaded.device.type}, {dtype})")
+        if self.blip2_caption is not None:
+            parts.append(f"**BLIP-2 captions**: `{self.blip2_caption.source}`")
+        report = demo_checkpoint("coca").parent.parent / "report.html"
+        if self.coca is not None and Path(self.coca.source).resolve() == demo_checkpoint("coca").resolve() \
+                and report.is_file():
+            parts.append(f"**Training report** (open in a browser): `{report.resolve()}`")
         return " · ".join(parts)
 
 
@@ -191,16 +201,23 @@ def load_models(blip2: str | None = None, coca: str | None = None) -> SpaceModel
 
     blip2 = blip2 or model_source(BLIP2_ENV, "blip2")
     coca = coca or model_source(COCA_ENV, "coca")
-    loaded_blip2 = loaded_coca = None
+    loaded_blip2 = loaded_coca = loaded_blip2_caption = None
     if blip2:
         from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor
 
         loaded_blip2 = _load(Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor, blip2, BLIP2_ENV)
+        # The demo's VQA fine-tune answers; its stage-2 checkpoint captions (next to it, only for the demo's own).
+        caption = os.environ.get(BLIP2_CAPTION_ENV, "").strip()
+        if not caption and Path(blip2).resolve() == demo_checkpoint("blip2").resolve():
+            caption = model_source(BLIP2_CAPTION_ENV, "blip2-caption")
+        if caption:
+            loaded_blip2_caption = _load(Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor, caption,
+                                         BLIP2_CAPTION_ENV)
     if coca:
         from hf_vlm.modeling.coca import CocaModel, CocaProcessor
 
         loaded_coca = _load(CocaModel, CocaProcessor, coca, COCA_ENV)
-    return SpaceModels(blip2=loaded_blip2, coca=loaded_coca)
+    return SpaceModels(blip2=loaded_blip2, coca=loaded_coca, blip2_caption=loaded_blip2_caption)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,7 +435,7 @@ class SpaceApp:
             raise gr.Error("No captioning model is loaded on this server (set HF_VLM_BLIP2 / HF_VLM_COCA).")
         captions = []
         for step, (title, loaded, env_var) in enumerate(
-            (("BLIP-2", self.models.blip2, BLIP2_ENV), ("CoCa", self.models.coca, COCA_ENV))
+            (("BLIP-2", self.models.blip2_caption or self.models.blip2, BLIP2_ENV), ("CoCa", self.models.coca, COCA_ENV))
         ):
             progress(step / 2, desc=f"{title} captioning")
             if loaded is None:

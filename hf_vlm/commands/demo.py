@@ -1,4 +1,4 @@
-"""`hf-vlm demo`: train small CoCa and BLIP-2 models on synthetic scenes, evaluate, card and serve them."""
+"""`hf-vlm demo`: train small CoCa and BLIP-2 models on synthetic scenes, evaluate, card, report and serve them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="train coca-tiny and blip2-tiny on synthetic scenes, evaluate, write cards, serve the Space"
+        "demo", help="train coca-tiny, a small T5, and BLIP-2 on those two frozen towers on synthetic scenes; "
+        "evaluate, write cards and .demo/report.html, serve the Space"
     )
     parser.add_argument("--force", action="store_true", help="retrain even if demo checkpoints exist")
     parser.add_argument("--no-serve", action="store_true", help="stop after evaluation (non-interactive)")

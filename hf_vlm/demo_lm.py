@@ -1,0 +1,112 @@
+"""The demo's language model: a small T5 pretrained on the scene text corpus, the stand-in for FlanT5.
+
+BLIP-2 bridges a frozen image encoder and a frozen *pretrained* language model. FlanT5 cannot be had offline,
+so `make demo` first teaches a small T5 the language of its scenes with the stock `transformers.Trainer`:
+
+- prefix language modelling on the training captions (the first k words in, the rest out; k = 0 is the
+  whole caption from an empty input, as BLIP-2's stage 2 asks of it),
+- question answering as the VQA prompt phrases it ("Question: ... Short answer:" -> the answer), which from
+  text alone teaches the answer vocabulary and its prior, not the answer (that needs the image).
+
+Run as `python -m hf_vlm.demo_lm --text_corpus corpus.jsonl --processor <blip2 processor> --output_dir ...`
+plus any `TrainingArguments`; the demo launches it like the trainers/ scripts. The output is a
+`T5ForConditionalGeneration` folder that `--language_model` of the blip2-stage2 trainer loads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from hf_vlm.data.collators import IGNORE_INDEX, VQA_PROMPT
+
+
+@dataclass
+class TextLMArguments:
+    text_corpus: str = field(metadata={"help": "jsonl of training scenes' text: caption, questions, answers"})
+    processor: str = field(metadata={"help": "the BLIP-2 processor folder whose T5 tokenizer the model reads"})
+    d_model: int = field(default=128, metadata={"help": "T5 width"})
+    num_layers: int = field(default=2, metadata={"help": "encoder and decoder layers each"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads"})
+    max_length: int = field(default=32, metadata={"help": "tokens of input and of target"})
+
+
+def text_pairs(row: dict, rng: random.Random) -> list[tuple[str, str]]:
+    """(input, target) pairs from one scene's text: a caption cut at a random word, and each question."""
+    words = row["caption"].split()
+    cut = rng.randrange(len(words))
+    pairs = [(" ".join(words[:cut]), " ".join(words[cut:]))]
+    pairs += [(VQA_PROMPT.format(q), a) for q, a in zip(row["questions"], row["answers"])]
+    return pairs
+
+
+class TextPairs(torch.utils.data.Dataset):
+    """Every scene's pairs, with the caption cut drawn again each time a scene is read."""
+
+    def __init__(self, rows: list[dict], seed: int = 0):
+        self.rows, self.rng = rows, random.Random(seed)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return text_pairs(self.rows[index], self.rng)
+
+
+def collate(tokenizer, max_length: int):
+    def collate_fn(samples: list[list[tuple[str, str]]]) -> dict:
+        pairs = [pair for sample in samples for pair in sample]
+        inputs = tokenizer([p[0] for p in pairs], padding="longest", truncation=True, max_length=max_length,
+                           return_tensors="pt")
+        targets = tokenizer([p[1] for p in pairs], padding="longest", truncation=True, max_length=max_length,
+                            return_tensors="pt")
+        labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, IGNORE_INDEX)
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
+
+    return collate_fn
+
+
+def t5_config(tokenizer, args: TextLMArguments):
+    """A FlanT5-shaped config (gated-GELU, separate lm_head) at the demo's width, over the demo tokenizer."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=len(tokenizer), d_model=args.d_model, d_kv=args.d_model // args.num_heads, d_ff=2 * args.d_model,
+        num_layers=args.num_layers, num_decoder_layers=args.num_layers, num_heads=args.num_heads,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import (
+        AutoProcessor,
+        HfArgumentParser,
+        T5ForConditionalGeneration,
+        Trainer,
+        TrainingArguments,
+    )
+
+    import hf_vlm  # noqa: F401  (registers the BLIP-2 processor with the Auto classes)
+
+    args, training_args = HfArgumentParser((TextLMArguments, TrainingArguments)).parse_args_into_dataclasses(argv)
+    training_args.remove_unused_columns = False  # the collator makes the batch from raw pairs
+    tokenizer = AutoProcessor.from_pretrained(args.processor).tokenizer
+    with open(args.text_corpus) as f:
+        rows = [json.loads(line) for line in f]
+    torch.manual_seed(training_args.seed)
+    model = T5ForConditionalGeneration(t5_config(tokenizer, args))
+    trainer = Trainer(model=model, args=training_args, train_dataset=TextPairs(rows, training_args.seed),
+                      data_collator=collate(tokenizer, args.max_length))
+    trainer.train()
+    trainer.save_model()
+    trainer.save_state()
+    tokenizer.save_pretrained(training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
