@@ -8,7 +8,8 @@ LORA_TARGET_MODULES, per model family (the config's `model_type`):
                 FlanT5's q/v projections (self-attention in both stacks and the decoder's cross-attention), as
                 peft does for T5 on its own
   coca          the multimodal decoder's self- and cross-attention and the attentional pooler(s) that make the
-                image tokens it attends to (q/k/v)
+                image tokens it attends to (q/k/v); the separate contrastive pooler only where the contrastive loss
+                is trained (not in caption fine-tuning, contrastive_loss_weight 0)
 
 Entries are module-name suffixes, as peft matches `target_modules` (a name equal to the entry or ending in
 "." + entry: `attention.attention.query` does not match `crossattention.attention.query`). The ViT and, for CoCa, the unimodal text encoder keep their weights: the adapter trains the parts
@@ -46,7 +47,11 @@ def default_lora_target_modules(config) -> list[str]:
             f"no default LoRA target modules for model_type {model_type!r} (known: {', '.join(LORA_TARGET_MODULES)}): "
             "pass --lora_target_modules"
         )
-    return list(LORA_TARGET_MODULES[model_type])
+    targets = list(LORA_TARGET_MODULES[model_type])
+    if model_type == "coca" and getattr(config, "contrastive_loss_weight", 1.0) == 0:
+        # caption fine-tuning (coca-caption): no loss reaches the contrastive query, whose adapter would stay zero
+        targets = [t for t in targets if not t.startswith("contrastive_pool.")]
+    return targets
 
 
 def quantization_config(load_in_8bit: bool = False, load_in_4bit: bool = False, compute_dtype=None):
