@@ -129,3 +129,50 @@ def test_peft_seq2seq_lm_wrapper_runs_forward_and_generate(processor):
     torch.testing.assert_close(output.loss, expected_loss)
     assert output.logits.shape[:2] == batch["labels"].shape
     assert torch.equal(peft_model.generate(**prompts, max_new_tokens=5), expected_tokens)
+
+
+def test_processor_takes_the_tokenizers_padding_arguments(processor):
+    """Issue 20.7: the processor hard-coded `padding=True` and also forwarded **kwargs: `padding=...` was a
+    TypeError. It is now the default that the caller's padding arguments replace."""
+    prompts = [QUESTION, "a photo of"]
+    default = processor(text=prompts)["input_ids"]
+    assert len(default[0]) == len(default[1]) > 3  # padded to the longest by default
+    assert processor(text=prompts, padding=True)["input_ids"] == default
+    unpadded = processor(text=prompts, padding=False)["input_ids"]
+    assert len(unpadded[0]) != len(unpadded[1]) and unpadded[1] == default[1][: len(unpadded[1])]
+    fixed = processor(text=prompts, padding="max_length", max_length=40, return_tensors="pt")
+    assert fixed["input_ids"].shape == fixed["attention_mask"].shape == (2, 40)
+    truncated = processor(text=prompts, truncation=True, max_length=6, return_tensors="pt")["input_ids"]
+    assert truncated.shape == (2, 6) and truncated[0, -1] == processor.tokenizer.eos_token_id
+    targets = processor(text_target=["red", "a red circle"], padding="max_length", max_length=8, return_tensors="pt")
+    assert targets["labels"].shape == targets["decoder_attention_mask"].shape == (2, 8)
+
+
+@pytest.fixture(scope="module")
+def saved_stage2(tmp_path_factory, processor):
+    path = tmp_path_factory.mktemp("blip2_tiny")
+    model = tiny_stage2().eval()
+    with torch.no_grad():  # a gentler random head, so that answers depend on image and prompt
+        model.language_model.lm_head.weight.mul_(0.05)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path, model
+
+
+def test_pipeline_answers_a_list_of_images_in_batches(saved_stage2, processor):
+    """Issue 20.7: `transformers.pipeline("image-text-to-text")` with a list of images passes its own `padding`
+    to the processor ("multiple values for keyword argument 'padding'"). Batched answers equal one-at-a-time ones."""
+    from transformers import pipeline
+
+    path, model = saved_stage2
+    images, prompts = [random_image(seed=3), random_image(seed=4)], [QUESTION, "Question: how many shapes? Answer:"]
+    pipe = pipeline("image-text-to-text", model=str(path))
+    answers = pipe(images=images, text=prompts, batch_size=2, max_new_tokens=6, return_full_text=False)
+
+    expected = []
+    for image, prompt in zip(images, prompts):
+        tokens = model.generate(**processor(images=[image], text=prompt, return_tensors="pt"), max_new_tokens=6)
+        expected.append(processor.batch_decode(tokens, skip_special_tokens=True)[0])
+    assert [answer["input_text"] for answer in answers] == prompts
+    assert [answer["generated_text"] for answer in answers] == expected
+    assert all(text.strip() for text in expected) and expected[0] != expected[1]

@@ -77,10 +77,13 @@ class Blip2FlanT5Processor(ProcessorMixin):
         encoding = {}
         if images is not None:
             encoding.update(self.image_processor(images, return_tensors=return_tensors))
+        # Tokenizer arguments (padding, truncation, max_length, ...) for prompts and targets; padding to the longest
+        # is the default, which the caller's (e.g. transformers.pipeline's) `padding` replaces.
+        text_kwargs = {"padding": True, **kwargs}
         if text is not None:
-            encoding.update(self.tokenizer(_as_list(text, "text"), padding=True, return_tensors=return_tensors, **kwargs))
+            encoding.update(self.tokenizer(_as_list(text, "text"), return_tensors=return_tensors, **text_kwargs))
         if text_target is not None:
-            targets = self.tokenizer(_as_list(text_target, "text_target"), padding=True, return_tensors=return_tensors)
+            targets = self.tokenizer(_as_list(text_target, "text_target"), return_tensors=return_tensors, **text_kwargs)
             encoding["labels"] = targets["input_ids"]
             encoding["decoder_attention_mask"] = targets["attention_mask"]
         if qformer_text is not None:
