@@ -30,6 +30,7 @@ from pathlib import Path
 
 from hf_vlm.data.pipeline import MAX_SKIP_FRACTION, SKIP_WINDOW
 from hf_vlm.data.transforms import AUGMENTATIONS
+from hf_vlm.trainers.lora import LORA_ALPHA, LORA_DROPOUT, LORA_R
 from hf_vlm.trainers.recipes import FINETUNE_STAGES, PRETRAIN_STAGES, Recipe, deepspeed_config, get_recipe
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,21 @@ class ModelArguments:
     )
     freeze_language_model: bool | None = field(
         default=None, metadata={"help": "override the config's freeze_language_model (BLIP-2)"}
+    )
+    # Fine-tuning on one GPU (trainers/lora.py): LoRA adapters, optionally on a bitsandbytes-quantized base.
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters only (peft); the run saves the adapter"})
+    lora_r: int = field(default=LORA_R, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=LORA_ALPHA, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=LORA_DROPOUT, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "module-name suffixes LoRA adapts; default: the family's (trainers/lora.py)"},
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "load the checkpoint's linear layers in 8-bit (bitsandbytes); needs --lora"}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "load the checkpoint's linear layers in 4-bit NF4 (bitsandbytes); needs --lora"}
     )
 
 
@@ -183,7 +199,27 @@ def parse_arguments(argv: list[str] | None, allowed_stages: tuple[str, ...], pro
         raise SystemExit(f"{prog}: --train_data is required (one or more PATH[@WEIGHT] sources)")
     if data_args.streaming and training_args.max_steps <= 0:
         raise SystemExit(f"{prog}: --streaming needs --max_steps (a stream has no length)")
+    _check_lora_arguments(model_args, prog)
     return recipe, model_args, data_args, training_args
+
+
+def _check_lora_arguments(model_args: ModelArguments, prog: str) -> None:
+    from hf_vlm.presets import list_presets
+
+    quantized = "--load_in_8bit" if model_args.load_in_8bit else "--load_in_4bit" if model_args.load_in_4bit else None
+    if model_args.load_in_8bit and model_args.load_in_4bit:
+        raise SystemExit(f"{prog}: --load_in_8bit and --load_in_4bit exclude each other: pick one")
+    if quantized and not model_args.lora:
+        # the Trainer cannot update integer weights; what trains on a quantized base is an adapter
+        raise SystemExit(f"{prog}: {quantized} needs --lora (quantized weights cannot be trained; LoRA adapters can)")
+    if (model_args.lora or quantized) and model_args.model in list_presets():
+        # a preset's weights are random and never saved with an adapter: the adapter would fit nothing reloadable
+        raise SystemExit(
+            f"{prog}: {'--lora' if model_args.lora else quantized} needs a checkpoint --model (folder or Hub id) "
+            f"to adapt, not the preset {model_args.model!r} (random weights that the adapter does not save)"
+        )
+    if model_args.lora and model_args.init_qformer_from:
+        raise SystemExit(f"{prog}: --lora adapts a saved checkpoint --model; --init_qformer_from builds a new one")
 
 
 def _enum_value(value) -> str:
@@ -214,8 +250,10 @@ def _import(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def load_model(stage: Stage, model_args: ModelArguments):
-    """The stage's model from a preset (randomly initialised) or a checkpoint, with config overrides.
+def load_model(stage: Stage, model_args: ModelArguments, compute_dtype=None):
+    """The stage's model from a preset (randomly initialised) or a checkpoint, with config overrides;
+    --load_in_8bit / --load_in_4bit quantize the checkpoint's linear layers as it loads (4-bit matmuls in
+    `compute_dtype`).
 
     Built with `_from_config` / `from_pretrained`, so that under ZeRO-3 the parameters are created
     partitioned (deepspeed.zero.Init) as transformers does for its own models.
@@ -239,6 +277,11 @@ def load_model(stage: Stage, model_args: ModelArguments):
         return model_class.from_stage1(model_args.init_qformer_from, language_model, **overrides)
     if model_args.model in list_presets():
         return model_class._from_config(get_config(model_args.model, **overrides))
+    from hf_vlm.trainers.lora import quantization_config
+
+    quantization = quantization_config(model_args.load_in_8bit, model_args.load_in_4bit, compute_dtype)
+    if quantization is not None:
+        overrides["quantization_config"] = quantization
     model = model_class.from_pretrained(model_args.model, **overrides)
     _keep_used_weight_conversions(model)
     return model
@@ -337,6 +380,33 @@ def check_tokenizer_fits(model, tokenizer) -> None:
 # The run
 
 
+def _compute_dtype(training_args):
+    import torch
+
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+
+
+def _with_lora(model, model_args: ModelArguments, training_args):
+    """The model wrapped with LoRA adapters (trainers/lora.py). Gradient checkpointing is turned on before
+    wrapping (peft then hooks the inputs if reentrant checkpointing needs it); the Trainer's own call later
+    finds it on."""
+    from hf_vlm.trainers.lora import apply_lora
+
+    checkpointing = None
+    if training_args.gradient_checkpointing:  # transformers' default: non-reentrant
+        checkpointing = training_args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    try:
+        model = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                           target_modules=model_args.lora_target_modules, gradient_checkpointing_kwargs=checkpointing)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoRA r=%d alpha=%d: %d of %d parameters trainable", model_args.lora_r, model_args.lora_alpha,
+                trainable, total)
+    return model
+
+
 def forward_uses_num_items_in_batch(model) -> bool:
     """Whether `model.forward` normalises its loss by the Trainer's `num_items_in_batch`.
 
@@ -363,10 +433,12 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
         patch_deepspeed_scalar_broadcast()
 
     set_seed(training_args.seed)
-    model = load_model(stage, model_args)
+    model = load_model(stage, model_args, compute_dtype=_compute_dtype(training_args))
     processor = load_processor(model_args)
     data = build_data(stage, model, processor, data_args, training_args)
     check_tokenizer_fits(model, data.collator.tokenizer)
+    if model_args.lora:
+        model = _with_lora(model, model_args, training_args)
     eval_dataset = None
     if data_args.eval_data:
         eval_dataset = build_data(stage, model, processor, data_args, training_args, train=False).dataset
@@ -405,6 +477,11 @@ def run(argv: list[str] | None, allowed_stages: tuple[str, ...], prog: str, call
         summary = {"recipe": recipe.name, "stage": recipe.stage, "model": model_args.model,
                    "init_qformer_from": model_args.init_qformer_from, "global_step": trainer.state.global_step,
                    "skipped_samples": skipped}
+        if model_args.lora:  # output_dir holds the adapter: what it was trained on
+            summary["lora"] = {"r": model_args.lora_r, "alpha": model_args.lora_alpha,
+                               "dropout": model_args.lora_dropout,
+                               "target_modules": sorted(model.peft_config["default"].target_modules),
+                               "load_in_8bit": model_args.load_in_8bit, "load_in_4bit": model_args.load_in_4bit}
         Path(training_args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()
     return training_args.output_dir
