@@ -407,3 +407,35 @@ def test_vqa_fine_tuning_with_qformer_text_input_trains_on_the_question(tmp_path
     assert Blip2FlanT5Processor.from_pretrained(out).qformer_text_input
     losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert len(losses) == 2 and all(v == v and v > 0 for v in losses)
+
+
+def test_hf_vlm_caption_gives_the_prompt_to_the_q_former(question_aware_checkpoint, tmp_path):
+    """Bulk captioning / answering (`hf-vlm caption`) of an image folder equals one-at-a-time generate."""
+    import pyarrow.parquet as pq
+    from transformers import GenerationConfig
+
+    from hf_vlm.cli import main
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Processor
+    from hf_vlm.testing import random_image
+
+    images = [random_image(32, seed=s) for s in range(3)]
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(images):
+        image.save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "images" / "metadata.jsonl").write_text(  # an imagefolder
+        "".join(f'{{"file_name": "{i}.png", "text": "a scene"}}\n' for i in range(3)))
+    model = Blip2FlanT5ForConditionalGeneration.from_pretrained(question_aware_checkpoint).eval()
+    processor = Blip2FlanT5Processor.from_pretrained(question_aware_checkpoint)
+    for prompt, name in ((QUESTION, "vqa"), (None, "caption")):
+        args = ["caption", str(tmp_path / "images"), "--model", str(question_aware_checkpoint), "--output",
+                str(tmp_path / name), "--batch-size", "2", "--max-new-tokens", "3"]
+        assert main(args + (["--prompt", prompt] if prompt else [])) == 0
+        rows = pq.read_table(tmp_path / name / "captions").to_pydict()
+        decoding = GenerationConfig.from_pretrained(
+            question_aware_checkpoint, "generation_config.json" if prompt else "caption_generation_config.json")
+        decoding.update(max_new_tokens=3, min_new_tokens=min(decoding.min_new_tokens or 0, 3))
+        with torch.no_grad():
+            expected = [processor.batch_decode(model.generate(
+                **processor(images=[image], text=prompt if prompt else "", return_tensors="pt"),
+                generation_config=decoding), skip_special_tokens=True)[0].strip() for image in images]
+        assert sorted(rows["caption"]) == sorted(expected)

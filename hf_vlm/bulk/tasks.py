@@ -167,7 +167,8 @@ class CaptionTask:
         text = prompt if prompt is not None else ("" if self.model_type == "blip2_flant5" else None)
         self.prompt_inputs = {} if text is None else {
             k: v for k, v in self.processor(text=[text], return_tensors="pt").items()
-            if k in ("input_ids", "attention_mask")}
+            # a question-aware Q-Former (BLIP-2 qformer_text_input) reads the prompt too
+            if k in ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask")}
         self.prepare = functools.partial(_caption_inputs, self.processor, rerank_processor)
 
     def settings(self) -> dict:
