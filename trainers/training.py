@@ -332,7 +332,7 @@ def build_data(stage: Stage, model, processor, data_args: DataArguments, trainin
     augmentation = data_args.augmentation or data_recipe(stage.data_recipe).augmentation
     kwargs = {}
     if getattr(model.config, "qformer_text_input", False) and hasattr(processor, "qformer_text_input"):
-        # the collator then gives the prompt to the question-aware Q-Former; checkpoints save the processor so
+        # the collator then gives the prompt to the question-aware Q-Former (checkpoints save the flag with it)
         processor.qformer_text_input = True
     if _is_processor(processor):
         kwargs["processor"] = processor
