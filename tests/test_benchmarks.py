@@ -194,3 +194,21 @@ def test_bulk_caption_benchmark_times_hf_vlm_caption_against_the_pipeline_on_the
         assert values["ours"] > 0 and values["upstream"] > 0, case
         assert values["ratio"] == pytest.approx(values["ours"] / values["upstream"])
         assert record["checks"]["same_captions"] is True, case  # both sides gave every image the same caption
+
+
+@pytest.mark.slow  # dynamo traces a decoding step (~15-30 s on 2 shared cores)
+def test_compile_benchmark_times_compiled_against_eager_captioning_with_the_same_tokens(tmp_path):
+    from benchmarks import bench_coca_compile
+
+    argv = ["--quick", "--backend", "eager", "--beams", "1", "--repeats", "1", "--budget-s", "0", "--out", str(tmp_path)]
+    assert bench_coca_compile.main(argv) == 0
+    records = {r["case"]: r for r in harness.load_records(tmp_path)}
+    assert set(records) == {"greedy_b2_t4"}
+    record = records["greedy_b2_t4"]
+    assert record["benchmark"] == "coca_compile" and record["params"]["backend"] == "eager"
+    values = record["metrics"]["images/s"]
+    assert values["ours"] > 0 and values["upstream"] > 0
+    assert values["ratio"] == pytest.approx(values["ours"] / values["upstream"])
+    # compiled and eager gave the same captions; every decoding step ran the one graph, without a break
+    assert record["checks"]["same_tokens"] is True
+    assert record["checks"]["graphs"] == 1 and record["checks"]["graph_breaks"] == 0
