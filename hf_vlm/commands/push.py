@@ -1,4 +1,5 @@
-"""`hf-vlm push CHECKPOINT REPO_ID`: publish a checkpoint folder to the Hub in one commit (see hf_vlm.hub.push)."""
+"""`hf-vlm push CHECKPOINT REPO_ID`: publish a checkpoint folder, or a LoRA adapter folder (`finetune.py --lora`), to
+the Hub in one commit (see hf_vlm.hub.push)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ def register(subparsers) -> None:
         "push", help="publish a checkpoint to the Hub (weights, processor, remote code, model card) in one commit",
         description="Token: the HF_TOKEN environment variable or `hf auth login`. The Hub endpoint: HF_ENDPOINT.",
     )
-    parser.add_argument("checkpoint", help="checkpoint folder (config.json, weights, processor files)")
+    parser.add_argument("checkpoint", help="checkpoint folder (config.json, weights, processor files), or a peft adapter "
+                        "folder (adapter_config.json, adapter_model.safetensors, processor files: finetune.py --lora)")
     parser.add_argument("repo_id", help="Hub repository id, e.g. org/coca-large-v2 (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
     parser.add_argument("--commit-message", default=None, help="commit summary")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="safetensors shard size (e.g. 5GB)")
     parser.add_argument("--base-model", default=None, action="append",
-                        help="Hub id of the model this one is converted or fine-tuned from (repeatable)")
+                        help="Hub id of the model this one is converted or fine-tuned from (repeatable); for an "
+                        "adapter: the base it loads on (default: its adapter_config.json's, which must be a Hub id)")
     parser.add_argument("--eval-results", default=None,
                         help="eval JSON for the card's model-index (default: CHECKPOINT/eval_results.json)")
     parser.set_defaults(func=run)

@@ -598,3 +598,67 @@ def write_card(checkpoint: str | Path, output: str | Path | None = None, **kwarg
     tmp.write_text(str(card), encoding="utf-8")
     tmp.replace(output)
     return output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapter cards (peft LoRA adapters trained with `finetune.py --lora`)
+# ---------------------------------------------------------------------------------------------------------
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    path = Path(folder) / ADAPTER_CONFIG_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable adapter config: {err}") from None
+
+
+def render_adapter_card(adapter: str | Path, repo_id: str, base_model: str, base_config) -> Any:
+    """The model card of a peft adapter folder as a `huggingface_hub.ModelCard`: the base it adapts (`base_model`,
+    a Hub id, and its config), the LoRA settings and size, the training run (`training_summary.json` of
+    finetune.py, when present), and a usage snippet that loads the base by id and the adapter on it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(adapter)
+    adapter_config = read_adapter_config(folder)
+    family_name, family = family_for(base_config.model_type)
+    sizes, _, elements, _ = read_weight_headers(folder)
+    summary_path = folder / "training_summary.json"
+    training = None
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        lora = summary.get("lora") or {}
+        quantization = "8-bit" if lora.get("load_in_8bit") else "4-bit NF4" if lora.get("load_in_4bit") else None
+        training = {"recipe": summary.get("recipe"), "stage": summary.get("stage"),
+                    "global_step": summary.get("global_step"), "quantization": quantization}
+    # trust_remote_code loading needs an Auto class that the base's config.json auto_map names
+    auto_map = getattr(base_config, "auto_map", None) or {}
+    auto_class = family.get("auto_class", "AutoModel")
+    if auto_map and auto_class not in auto_map:
+        auto_class = next((name for name in auto_map if name.startswith("AutoModel")), auto_class)
+    peft_type = adapter_config.get("peft_type", "LORA")
+    tags = list(dict.fromkeys(family.get("tags", []) + ["peft", peft_type.lower(), "adapter"]))
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(library_name="peft", pipeline_tag=family.get("pipeline_tag"), tags=tags,
+                              license=family.get("license"), base_model=base_model, model_name=model_name)
+    context = {
+        "model_name": model_name,
+        "repo_id": repo_id,
+        "base_model": base_model,
+        "base_architecture": (base_config.architectures or [base_config.model_type])[0],
+        "model_type": base_config.model_type,
+        "family_title": {"coca": "CoCa", "blip2_flant5": "BLIP-2-FlanT5"}.get(family_name, family_name),
+        "auto_class": auto_class,
+        "peft_type": "LoRA" if peft_type == "LORA" else peft_type,
+        "r": adapter_config.get("r"),
+        "lora_alpha": adapter_config.get("lora_alpha"),
+        "lora_dropout": adapter_config.get("lora_dropout"),
+        "target_modules": ", ".join(f"`{m}`" for m in sorted(adapter_config.get("target_modules") or [])),
+        "adapter_parameters": human_count(elements),
+        "adapter_bytes": human_bytes(sum(sizes.values())),
+        "training": training,
+        "hf_vlm_version": importlib.import_module("hf_vlm").__version__,
+    }
+    template = _card_files().joinpath("adapter.md").read_text(encoding="utf-8")
+    return ModelCard.from_template(card_data, template_str=template, **context)

@@ -1,5 +1,9 @@
 """Publishing a checkpoint to the Hub: `push_to_hub(checkpoint, repo_id)` (the `hf-vlm push` command).
 
+A peft adapter folder (`finetune.py --lora` output: adapter_config.json, no config.json) is published as an
+adapter repository instead of step 1: the adapter, its processor and a card that names the base model by Hub id
+(`stage_adapter`); steps 2 and 3 are the same.
+
 1. Stage: load the checkpoint and `save_pretrained` it into a temporary folder (sharded safetensors, config with
    `auto_map` and the model's Python files for `trust_remote_code=True`, generation config, processor and
    tokenizer), then render README.md (hf_vlm.hub.cards) and copy eval_results.json.
@@ -112,6 +116,81 @@ def stage_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, max_shar
     return sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if p.is_file())
 
 
+# What an adapter repository carries besides the adapter: the processor it was trained with (and its remote code).
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_PROCESSOR_FILE_PATTERNS = ("processor_config.json", "preprocessor_config.json", "tokenizer*", "special_tokens_map.json",
+                            "added_tokens.json", "spiece.model", "vocab.*", "merges.txt", "*.py")
+
+
+def is_adapter(folder: str | Path) -> bool:
+    """A peft adapter folder (finetune.py --lora output): adapter_config.json and no config.json of a full model."""
+    folder = Path(folder)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).expanduser().exists()
+
+
+def stage_adapter(adapter: str | Path, output_dir: str | Path, *, repo_id: str, base_model=None) -> list[str]:
+    """Write the repository content of a peft adapter folder into `output_dir` (empty or new): adapter config and
+    weights, the processor, README.md naming the base. Returns the file list.
+
+    The base is `base_model` (the first, if several) or the adapter config's `base_model_name_or_path`; it must be a
+    Hub id, since the card and `PeftModel.from_pretrained` load it from there. A run on a local folder names the
+    folder: pass --base-model with the Hub id of the same weights; the pushed adapter_config.json names it."""
+    from transformers import AutoConfig
+
+    import hf_vlm  # noqa: F401  (registers our model types, to read the base's config)
+    from hf_vlm.hub.cards import read_adapter_config, render_adapter_card
+
+    adapter, output_dir = Path(adapter), Path(output_dir)
+    missing = [name for name in _ADAPTER_FILES if not (adapter / name).is_file()]
+    if missing:
+        raise HubPushError(f"{adapter} is not a complete peft adapter folder: it has no {', '.join(missing)}")
+    if not _processor_files(adapter):
+        raise HubPushError(f"{adapter} has no processor files: save the processor next to the adapter "
+                           "(finetune.py does) so the adapter repo is usable")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if any(output_dir.iterdir()):
+        raise HubPushError(f"staging folder {output_dir} is not empty")
+    config = read_adapter_config(adapter)
+    if isinstance(base_model, (list, tuple)):
+        base_model = base_model[0] if base_model else None
+    base = base_model or config.get("base_model_name_or_path") or ""
+    if not _is_hub_id(base):
+        raise HubPushError(
+            f"the adapter's base model is {base!r}, not a Hub id (org/name): pass --base-model with the Hub id of the "
+            "weights it was trained on, so that the card and PeftModel.from_pretrained can load them"
+        )
+    try:
+        base_config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as err:
+        raise HubPushError(f"cannot read the config of the adapter's base model {base!r}: {err}") from None
+
+    config["base_model_name_or_path"] = base
+    (output_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copy2(adapter / "adapter_model.safetensors", output_dir / "adapter_model.safetensors")
+    for pattern in _PROCESSOR_FILE_PATTERNS:
+        for path in adapter.glob(pattern):
+            if path.is_file():
+                shutil.copy2(path, output_dir / path.name)
+    card = render_adapter_card(adapter, repo_id, base, base_config)
+    (output_dir / "README.md").write_text(str(card), encoding="utf-8")
+    return sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if p.is_file())
+
+
+def _content_kind(folder: Path) -> str | None:
+    """What a repository folder holds: the model_type of its config.json, or "<PEFT type> adapter of <base>"."""
+    if (folder / "config.json").is_file():
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    if (folder / "adapter_config.json").is_file():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        return f"{config.get('peft_type')} adapter of {config.get('base_model_name_or_path')}"
+    return None
+
+
 def _describe(err: Exception) -> str:
     """The server's message of an HTTP error (never the request headers, which carry the token)."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -135,16 +214,20 @@ def _existing_content(api, repo_id: str, revision: str) -> dict[str, str] | None
         return None
 
 
-def _remote_model_type(api, repo_id: str, revision: str, scratch: Path) -> str | None:
-    """model_type of the config.json at `revision`, None when there is none (downloaded into `scratch`, so the
-    user's HF cache is not touched)."""
+def _remote_model_type(api, repo_id: str, revision: str, scratch: Path, remote_files) -> str | None:
+    """What the repository holds at `revision` (`_content_kind`: model_type of its config.json, or its adapter),
+    None when neither (downloaded into `scratch`, so the user's HF cache is not touched)."""
     from huggingface_hub.errors import EntryNotFoundError
 
-    try:
-        path = api.hf_hub_download(repo_id, "config.json", revision=revision, local_dir=scratch)
-        return json.loads(Path(path).read_text()).get("model_type")
-    except (EntryNotFoundError, ValueError):
-        return None
+    for name in ("config.json", "adapter_config.json"):
+        if name not in remote_files:
+            continue
+        try:
+            api.hf_hub_download(repo_id, name, revision=revision, local_dir=scratch)
+            return _content_kind(Path(scratch))
+        except (EntryNotFoundError, ValueError):
+            return None
+    return None
 
 
 def push_to_hub(checkpoint: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -171,9 +254,14 @@ def push_to_hub(checkpoint: str | Path, repo_id: str, *, private: bool = False, 
 
     with tempfile.TemporaryDirectory(prefix="hf-vlm-push-") as tmp:
         staging = Path(tmp) / "repo"
-        files = stage_checkpoint(checkpoint, staging, max_shard_size=max_shard_size, repo_id=repo_id,
-                                 base_model=base_model, eval_results=eval_results)
-        local_model_type = json.loads((staging / "config.json").read_text())["model_type"]
+        if is_adapter(checkpoint):
+            if eval_results:
+                raise HubPushError("--eval-results is for model checkpoints; an adapter card names its base only")
+            files = stage_adapter(checkpoint, staging, repo_id=repo_id, base_model=base_model)
+        else:
+            files = stage_checkpoint(checkpoint, staging, max_shard_size=max_shard_size, repo_id=repo_id,
+                                     base_model=base_model, eval_results=eval_results)
+        local_model_type = _content_kind(staging)
         print(f"staged {len(files)} files for {repo_id} ({sum((staging / f).stat().st_size for f in files):,} bytes)")
 
         try:
@@ -190,7 +278,7 @@ def push_to_hub(checkpoint: str | Path, repo_id: str, *, private: bool = False, 
                 raise HubPushError(f"revision {revision!r} of {repo_id} does not exist and could not be created")
             other = sorted(set(remote) - _HUB_DEFAULT_FILES)
             if other:
-                remote_type = _remote_model_type(api, repo_id, revision, Path(tmp) / "remote")
+                remote_type = _remote_model_type(api, repo_id, revision, Path(tmp) / "remote", remote)
                 if remote_type != local_model_type:
                     shown = ", ".join(other[:8]) + (f" and {len(other) - 8} more" if len(other) > 8 else "")
                     raise HubPushError(
@@ -205,7 +293,8 @@ def push_to_hub(checkpoint: str | Path, repo_id: str, *, private: bool = False, 
         stale = sorted(set(remote) - set(files) - _HUB_DEFAULT_FILES)
         operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(staging / f)) for f in files]
         operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
-        message = commit_message or f"Upload {local_model_type} checkpoint with hf-vlm"
+        message = commit_message or (f"Upload {local_model_type} with hf-vlm" if is_adapter(checkpoint)
+                                     else f"Upload {local_model_type} checkpoint with hf-vlm")
         try:
             info = api.create_commit(repo_id, operations, commit_message=message, revision=revision,
                                      parent_commit=parent)
