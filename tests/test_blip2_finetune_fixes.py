@@ -176,3 +176,58 @@ def test_pipeline_answers_a_list_of_images_in_batches(saved_stage2, processor):
     assert [answer["input_text"] for answer in answers] == prompts
     assert [answer["generated_text"] for answer in answers] == expected
     assert all(text.strip() for text in expected) and expected[0] != expected[1]
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(8, torch.float16), (4, torch.float32)])
+def test_bitsandbytes_quantized_model_answers_with_the_vision_tower_unquantized(bits, dtype, saved_stage2, processor):
+    """Issue 20.5: under bitsandbytes, get_image_features cast the Q-Former output to language_projection's int8
+    weight dtype, and timm's EVA attention multiplies by its qkv weight with F.linear itself (past the quantized
+    layer's forward). The ViT now stays out of quantization, in the load dtype (not upcast to fp32); T5 and the
+    projection are quantized, the Q-Former stays fp32 (`_keep_in_fp32_modules`, as before)."""
+    bnb = require("bitsandbytes", "pip install 'hf-vlm[finetune]'")
+    from transformers import BitsAndBytesConfig
+
+    path, model = saved_stage2
+    quantization = BitsAndBytesConfig(load_in_8bit=bits == 8, load_in_4bit=bits == 4)
+    quantized = Blip2FlanT5ForConditionalGeneration.from_pretrained(path, quantization_config=quantization,
+                                                                     dtype=dtype).eval()
+    quantized_layer = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
+    assert isinstance(quantized.language_model.encoder.block[0].layer[0].SelfAttention.q, quantized_layer)
+    assert isinstance(quantized.language_projection, quantized_layer)
+    assert not quantized.language_projection.weight.is_floating_point()
+    for tower, tower_dtype in ((quantized.vision_model, dtype), (quantized.qformer, torch.float32)):
+        assert not any(isinstance(m, quantized_layer) for m in tower.modules())
+        assert {p.dtype for p in tower.parameters()} == {tower_dtype}
+
+    batch = processor(images=[random_image(seed=3), random_image(seed=4)], text=[QUESTION, "a photo of"],
+                      text_target=["red", "a red circle"], return_tensors="pt")
+    prompts = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    with torch.no_grad():
+        loss, expected_loss = quantized(**batch).loss.float(), model(**batch).loss
+        image_features = quantized.get_image_features(batch["pixel_values"]).pooler_output
+    assert image_features.shape == (2, 8, 64) and image_features.dtype == dtype
+    # measured: 8-bit in fp16 within 0.03% of the fp32 model's loss, 4-bit (NF4 of 64-wide layers) within 0.2%
+    torch.testing.assert_close(loss, expected_loss, rtol=0.01 if bits == 8 else 0.05, atol=0)
+    tokens = quantized.generate(**prompts, max_new_tokens=5)
+    assert tokens.shape[0] == 2 and 2 <= tokens.shape[1] <= 6
+    assert tokens.min() >= 0 and tokens.max() < quantized.config.text_config.vocab_size
+
+
+def test_torchao_int8_model_answers_with_the_vision_tower_unquantized(saved_stage2, processor):
+    """Issue 20.5, torchao: its int8 weights reject the keyword arguments of EVA's F.linear call, so the ViT stays
+    out of quantization here too."""
+    require("torchao", "pip install torchao")
+    from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    path, model = saved_stage2
+    quantized = Blip2FlanT5ForConditionalGeneration.from_pretrained(
+        path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).eval()
+    assert isinstance(quantized.language_model.encoder.block[0].layer[0].SelfAttention.q.weight, Int8Tensor)
+    assert not any(isinstance(p, Int8Tensor) for p in quantized.vision_model.parameters())
+    batch = processor(images=[random_image(seed=3), random_image(seed=4)], text=[QUESTION, "a photo of"],
+                      text_target=["red", "a red circle"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(**batch).loss, model(**batch).loss, rtol=0.01, atol=0)
+    prompts = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    assert quantized.generate(**prompts, max_new_tokens=5).shape[0] == 2

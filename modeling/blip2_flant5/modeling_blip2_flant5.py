@@ -470,6 +470,12 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
         self.vision_model = _create_vision_model(config.vision_config)
         # what transformers' composite-model code reads on a tower (a PreTrainedModel would carry both)
         self.vision_model.config, self.vision_model._supports_sdpa = config.vision_config, True
+        if getattr(config, "quantization_config", None) is not None:
+            # Quantization (bitsandbytes, torchao) leaves the ViT alone: timm's EVA attention calls
+            # F.linear(x, weight=self.qkv.weight, ...) itself, past a quantized layer's forward, and int8 / 4-bit
+            # weights fail there (issue 20.5). Every transformers quantizer skips `_keep_in_fp32_modules`;
+            # from_pretrained gives the ViT its load dtype back (no fp32 upcast).
+            self._keep_in_fp32_modules = [*type(self)._keep_in_fp32_modules, "vision_model"]
         self.ln_vision = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_config.ln_vision_eps)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = Blip2FlanT5QFormerModel(config.qformer_config, with_text_path=with_text_path)
@@ -490,8 +496,12 @@ class Blip2FlanT5PreTrainedModel(PreTrainedModel):
             if named is err:
                 raise
             raise named from err
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading replaces the parameters, and with them requires_grad: freeze again afterwards.
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._apply_freezing()
+        model._apply_freezing()
+        if getattr(model, "is_quantized", False):
+            # the unquantized ViT (see _build_vision_and_qformer) in the dtype the rest was loaded in, not fp32
+            model.vision_model.to(model.ln_vision.weight.dtype)
         return loaded
 
     @torch.no_grad()
@@ -1132,9 +1142,11 @@ class Blip2FlanT5ForConditionalGeneration(Blip2FlanT5PreTrainedModel, Generation
         qformer_output = self._query_output(vision_output.last_hidden_state, output_attentions, output_hidden_states,
                                             qformer_input_ids, qformer_attention_mask)
         query_output = qformer_output.last_hidden_state[:, : self.config.num_query_tokens]
-        vision_output = _with_pooler_output(
-            vision_output, self.language_projection(query_output.to(self.language_projection.weight.dtype))
-        )
+        # the projection's input dtype: its weight's, or T5's where the weight is quantized (int8 / uint8 under
+        # bitsandbytes, issue 20.5)
+        weight = self.language_projection.weight
+        dtype = weight.dtype if weight.is_floating_point() else self.language_model.get_input_embeddings().weight.dtype
+        vision_output = _with_pooler_output(vision_output, self.language_projection(query_output.to(dtype)))
         return vision_output, qformer_output
 
     def _encoder_inputs(self, pixel_values, input_ids, attention_mask, inputs_embeds=None, output_attentions=False,
