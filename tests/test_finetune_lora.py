@@ -295,3 +295,29 @@ def test_torch_compile_with_lora_and_an_8bit_base(family, assets, tmp_path, monk
     assert counters["stats"]["unique_graphs"] >= 1  # the training step ran through dynamo's compiled graphs
     lora_b = {k: v for k, v in adapter_tensors(out).items() if ".lora_B." in k}
     assert lora_b and [k for k, v in lora_b.items() if not v.any()] == []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# README
+# ------------------------------------------------------------------------------------------------------------
+def test_the_readme_one_gpu_fine_tuning_example_runs_as_written(assets, tmp_path, monkeypatch):
+    """The README section's command and Python block, in a folder laid out like a checkout after `make demo`
+    (a tiny BLIP-2 checkpoint with its processor in .demo/checkpoints/blip2, VQA scenes as the demo writes them)."""
+    import shlex
+    import shutil
+
+    from hf_vlm import scenes
+    from hf_vlm.trainers.finetune import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Fine-tuning on one GPU"):]
+    section = section[: section.index("\n### ", 1)]
+    command = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).replace("\\\n", " ").strip()
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    prefix = ".venv/bin/python -m hf_vlm.trainers.finetune "
+    assert command.startswith(prefix) and "--lora" in command
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(assets / "blip2", ".demo/checkpoints/blip2")
+    scenes.export_imagefolder(scenes.vqa_rows(scenes.generate_scenes("train", 8)), ".demo/data/vqa")
+    assert main(shlex.split(command[len(prefix):])) == 0
+    exec(compile(code, "README", "exec"), {})
