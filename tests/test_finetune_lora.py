@@ -279,6 +279,18 @@ def test_lora_on_a_bitsandbytes_quantized_base_trains_every_adapter(family, bits
     assert summary["lora"][f"load_in_{bits}bit"] is True
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_with_reentrant_gradient_checkpointing_trains_every_adapter(family, assets, tmp_path):
+    """Reentrant checkpointing back-propagates only into blocks whose inputs require grad; with a frozen base that
+    takes the input hooks peft and the models install (BLIP-2's Q-Former input comes from frozen query tokens)."""
+    keep = _KeepModel()
+    out = finetune(assets, family, tmp_path / "adapter", "--lora", "--gradient_checkpointing",
+                   "--gradient_checkpointing_kwargs", '{"use_reentrant": true}', callbacks=[keep])
+    assert keep.model.get_base_model().is_gradient_checkpointing
+    lora_b = {k: v for k, v in adapter_tensors(out).items() if ".lora_B." in k}
+    assert lora_b and [k for k, v in lora_b.items() if not v.any()] == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_torch_compile_with_lora_and_an_8bit_base(family, assets, tmp_path, monkeypatch):
