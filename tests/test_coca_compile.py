@@ -189,3 +189,41 @@ def test_transformers_compiled_decoding_accepts_the_static_cache():
     compiled = model.generate(**kwargs, compile_config=compile_config)
     assert len(recorder.graphs) == 1 and recorder.calls == 5, "the prefill runs eagerly, then 5 steps in one graph"
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- quantization
+def _quantization_config(kind: str):
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if kind == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if kind == "bnb-4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+@pytest.mark.parametrize("kind, min_cosine", [("bnb-8bit", 0.999), ("bnb-4bit", 0.9), ("torchao-int8", 0.999)])
+@torch.no_grad()
+def test_quantized_coca_captions_with_its_vision_tower_quantized(tmp_path, kind, min_cosine):
+    """`from_pretrained(quantization_config=...)` on CPU (bitsandbytes 8-bit / 4-bit, torchao int8): every Linear is
+    quantized, the timm ViT trunk's included, which needs no exclusion: timm's ViT attention calls its `qkv` module
+    (EVA's, in BLIP-2, calls `F.linear(x, weight=...)`, which int8 weights reject). Embeddings and caption logits
+    follow the full-precision model's; captions generate with both caches alike."""
+    pytest.importorskip("bitsandbytes" if kind.startswith("bnb") else "torchao")
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    quantized = CocaModel.from_pretrained(tmp_path, quantization_config=_quantization_config(kind), device_map="cpu")
+    qkv = quantized.vision_model.trunk.blocks[0].attn.qkv
+    assert type(qkv).__name__ in {"Linear8bitLt", "Linear4bit"} or type(qkv.weight).__name__ == "Int8Tensor"
+    pixel_values, input_ids, attention_mask = prompts()
+    full = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    out = quantized(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    for name in ("image_embeds", "text_embeds", "logits"):
+        cosine = torch.nn.functional.cosine_similarity(out[name].flatten(1), full[name].flatten(1)).min()
+        assert cosine > min_cosine, (name, cosine.item())
+    dynamic = quantized.generate(pixel_values=pixel_values, max_new_tokens=5)
+    static = quantized.generate(pixel_values=pixel_values, max_new_tokens=5, cache_implementation="static")
+    assert dynamic.shape == (3, 6)
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=0)

@@ -503,6 +503,8 @@ class CocaPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     # timm's ViT block is called `Block`; the pooler stays whole (its queries attend all trunk tokens).
     _no_split_modules = ["CocaTextLayer", "CocaCrossAttentionLayer", "CocaAttentionalPooler", "Block"]
+    # No `_keep_in_fp32_modules`: 8-bit / 4-bit / int8 quantization may take the ViT trunk too, since timm's ViT
+    # attention calls its `qkv` Linear (EVA's `F.linear(x, weight=...)`, which int8 weights reject, is BLIP-2's).
 
     @torch.no_grad()
     def _init_weights(self, module):
