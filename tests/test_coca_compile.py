@@ -120,6 +120,30 @@ def test_static_cache_generates_the_dynamic_cache_tokens(num_beams):
     torch.testing.assert_close(static.sequences, dynamic.sequences, rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_beam_search_leaves_the_image_keys_and_values_in_place():
+    """Every beam of an image holds that image's K/V and beams never move between images: the cache reorders only
+    the self-attention K/V (transformers' EncoderDecoderCache also copies the image K/V at every step); the beams
+    are those of a plain EncoderDecoderCache."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask = prompts()
+    kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6,
+                  num_beams=3, return_dict_in_generate=True)
+    ours = model.generate(**kwargs)
+    plain = model.generate(**kwargs, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+    torch.testing.assert_close(ours.sequences, plain.sequences, rtol=0, atol=0)
+
+    cache = ours.past_key_values
+    image_keys = [layer.keys for layer in cache.cross_attention_cache.layers]
+    text_keys = cache.self_attention_cache.layers[0].keys.clone()
+    beam_idx = torch.tensor([2, 2, 0, 3, 4, 5, 8, 6, 7])  # beams regrouped within each image's 3
+    cache.reorder_cache(beam_idx)
+    assert all(layer.keys is keys for layer, keys in zip(cache.cross_attention_cache.layers, image_keys))
+    torch.testing.assert_close(cache.self_attention_cache.layers[0].keys, text_keys[beam_idx])
+
+
 def test_unsupported_cache_implementations_are_refused_naming_the_supported_ones():
     with pytest.raises(ValueError, match="'dynamic' \\(the default\\) or 'static', not 'quantized'"):
         tiny_model().generate(pixel_values=torch.randn(1, 3, 32, 32), max_new_tokens=2,
