@@ -9,6 +9,7 @@ read its outputs:
   coca_caption   finetune.py coca-tiny-caption from coca_zero2's output, ZeRO-3
   blip2_stage1   blip2-tiny-stage1 from a saved initial checkpoint, ZeRO-3
   blip2_stage2   blip2-tiny-stage2, Q-Former from blip2_stage1, ZeRO-2
+  blip2_lora_zero2  finetune.py blip2-tiny-caption --lora from blip2_stage2's output, ZeRO-2
 A probe script wraps the entry points (test-only): it records every rank's training loss as the model's
 forward returns it, saves the initial weights (ZeRO-2) and can SIGKILL the run at a given step.
 """
@@ -418,6 +419,47 @@ def test_finetune_coca_caption_zero3_loads_and_trains_caption_loss_only(coca_zer
     assert any(not torch.equal(start[k], final[k]) for k in final)
     first, last = loss_fell(step_losses(coca_caption))
     assert last < first
+
+
+@pytest.fixture(scope="module")
+def blip2_lora_zero2(assets, blip2_stage2, tmp_path_factory):
+    """finetune.py blip2-tiny-caption --lora from blip2_stage2's output, ZeRO-2."""
+    tmp = tmp_path_factory.mktemp("blip2_lora_zero2")
+    args = ["--recipe", "blip2-tiny-caption", "--model", str(blip2_stage2), "--lora", "--lora_r", "4",
+            "--deepspeed", "zero2", *_common(assets, tmp / "out", "--max_steps", "4", "--learning_rate", "1e-3")]
+    check(launch(tmp, "finetune", args, name="blip2_lora_zero2"))
+    return tmp / "out"
+
+
+def test_lora_under_zero2_trains_every_adapter_saves_the_adapter_and_reloads(blip2_stage2, blip2_lora_zero2):
+    """LoRA on BLIP-2 (Q-Former attention + T5 q/v, everything else frozen) with DeepSpeed ZeRO-2 on 2 ranks: the run
+    saves only the adapter, naming its base; every adapter got gradients; the logged loss is the mean over ranks;
+    the adapter loads on the base with PeftModel.from_pretrained and changes its outputs."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration
+
+    out = blip2_lora_zero2
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(blip2_stage2)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = {k: v for k, v in adapter.items() if ".lora_B." in k}
+    assert any(".qformer." in k for k in lora_b) and any(".language_model." in k for k in lora_b)
+    assert [k for k, v in lora_b.items() if not v.any()] == []  # zero at init: only a gradient moves them
+    logged = step_losses(out)
+    rank0, rank1 = probe_losses(out)
+    assert sorted(logged) == [1, 2, 3, 4]
+    for step, value in logged.items():
+        assert value == pytest.approx((rank0[step] + rank1[step]) / 2, rel=1e-4, abs=1e-5), step
+
+    base = Blip2FlanT5ForConditionalGeneration.from_pretrained(blip2_stage2).eval()
+    inputs = {"pixel_values": torch.randn(1, 3, 32, 32), "input_ids": torch.tensor([[5, 9, 4, 1]]),
+              "decoder_input_ids": torch.tensor([[0, 5, 9]])}
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+        adapted = PeftModel.from_pretrained(base, out).eval()
+        assert not torch.equal(adapted(**inputs).logits, base_logits)
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
