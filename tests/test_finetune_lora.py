@@ -333,3 +333,21 @@ def test_the_readme_one_gpu_fine_tuning_example_runs_as_written(assets, tmp_path
     scenes.export_imagefolder(scenes.vqa_rows(scenes.generate_scenes("train", 8)), ".demo/data/vqa")
     assert main(shlex.split(command[len(prefix):])) == 0
     exec(compile(code, "README", "exec"), {})
+
+
+def test_a_lora_run_resumed_from_a_checkpoint_ends_with_the_adapter_of_an_uninterrupted_run(assets, tmp_path):
+    """checkpoint-N of a LoRA run holds the adapter (with optimizer, scheduler, RNG and data state); a run resumed
+    from it continues the adapter's training, LoRA dropout included, to the same weights."""
+    import shutil
+
+    steps = ("--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "3")
+    full = finetune(assets, "coca", tmp_path / "full", "--lora", *steps)
+    checkpoint = full / "checkpoint-1"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-1")
+    resumed = finetune(assets, "coca", tmp_path / "resumed", "--lora", *steps, "--resume_from_checkpoint", "last")
+    expected, got = adapter_tensors(full), adapter_tensors(resumed)
+    assert expected.keys() == got.keys()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    at_step_1 = adapter_tensors(checkpoint)
+    assert any(not torch.equal(expected[k], at_step_1[k]) for k in expected)  # steps 2 and 3 did train
