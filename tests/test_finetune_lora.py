@@ -351,3 +351,17 @@ def test_a_lora_run_resumed_from_a_checkpoint_ends_with_the_adapter_of_an_uninte
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
     at_step_1 = adapter_tensors(checkpoint)
     assert any(not torch.equal(expected[k], at_step_1[k]) for k in expected)  # steps 2 and 3 did train
+
+
+@pytest.mark.slow
+def test_torch_compile_alone_trains_blip2_with_the_eager_losses(assets, tmp_path, monkeypatch):
+    """Full fine-tuning (no LoRA) compiled by the Trainer: the same losses and gradient norms as eager, step by step."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+
+    def history(out: Path) -> list[float]:
+        log = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [value for e in log if "loss" in e for value in (e["loss"], e["grad_norm"])]
+
+    eager = history(finetune(assets, "blip2", tmp_path / "eager"))
+    compiled = history(finetune(assets, "blip2", tmp_path / "compiled", "--torch_compile_backend", "aot_eager"))
+    assert len(eager) == 4 and compiled == pytest.approx(eager, rel=1e-5)
