@@ -11,22 +11,29 @@ bf16 autocast (the Trainer's `--bf16`) and AdamW:
              fp32 scale per output row; peft's `prepare_model_for_kbit_training` (which `apply_lora` calls) casts
              every other weight to fp32
 
-Parameters are counted on the meta device: the real config, the real model class, peft's real LoRA injection.
-Activations (everything the forward and backward pass allocate beyond weights and gradients, measured) come
-from a calibration: the real model at the real widths with 1 and 2 layers per stack (2 and 4 for the Q-Former,
-whose cross-attention is every other layer), batch 1 and 2, one training step on CPU, peak of torch's CPU
-allocations (the profiler's memory events) — fitted per stack as bytes per layer per token per sample, plus a
-part outside the stacks (embeddings, pooling, logits, loss) per sample and a batch-independent part per layer
-(e.g. the bf16 copies autocast makes of fp32 weights). A full-size prediction adds the stacks' layers at their
-real depth. The optimizer step's own peak is AdamW's foreach transient (one copy of the trainable parameters),
-which the calibration measures with foreach=True as on a GPU.
+Parameters are counted on the meta device: the real config, the real model class, peft's real LoRA injection
+(trainers/lora.py's `apply_lora`). Activations come from a calibration (`calibrate`, written to
+memory_model_calibration.json): forward passes of the real model at the real widths with 1 and 2 layers per
+stack (2 and 4 for the Q-Former, whose cross-attention is every other layer), batch 1 and 2, on CPU, counting
+the bytes autograd saves for backward (saved-tensor hooks, each storage once) — fitted per stack as bytes per
+layer per token per sample plus a batch-independent part per layer (autocast's bf16 copies of fp32 weights),
+and outside the stacks per sample and fixed. A prediction adds each stack's layers at their real depth. With
+gradient checkpointing, a checkpointed stack keeps each layer's output instead and backward recomputes one layer;
+transformers' layers checkpoint only in training mode, so a frozen part the model keeps in eval mode (BLIP-2's
+frozen T5, today) keeps everything (`checkpointed_stacks` asks the model). The optimizer step's own peak is
+AdamW's foreach transient, one fp32 copy of the trainable parameters.
 
     peak = weights + optimizer state + gradients + max(activations, AdamW transient)
 
+Checked against measured peaks (`check-tiny`, `check-full`): torch's CPU allocations over a real training step
+(profiler memory events, AdamW foreach, bf16 autocast) plus weights and AdamW state, and the process's RSS
+high-water mark; records in results/cpu/memory_model__*.json. On a GPU add the CUDA context and allocator slack
+(`CUDA_OVERHEAD_BYTES`).
+
 Commands:
-    python -m benchmarks.memory_model calibrate   # ~10 min on 2 cores; writes benchmarks/memory_model_calibration.json
+    python -m benchmarks.memory_model calibrate   # ~15 min on 2 idle cores; writes memory_model_calibration.json
     python -m benchmarks.memory_model check-tiny  # predicted vs measured on the tiny presets -> results/cpu
-    python -m benchmarks.memory_model check-full  # ONE full-size BLIP-2-FlanT5-XL LoRA step on CPU (~10 GB RAM)
+    python -m benchmarks.memory_model check-full  # ONE full-size BLIP-2-FlanT5-XL LoRA step on CPU (11 GB RAM)
     python -m benchmarks.memory_model table       # the README table (largest batch per GPU that fits)
 """
 
@@ -371,6 +378,7 @@ def measure_step(preset: str, mode: str, batch_size: int, gradient_checkpointing
 # ------------------------------------------------------------------------------------------- calibration
 
 
+@functools.lru_cache(maxsize=8)
 def _depths_of(preset: str) -> dict:
     """Each stack's layer count in the preset (counted on the meta device)."""
     family = family_of(preset)
@@ -516,6 +524,13 @@ def activation_bytes(coefficients: dict, config, family: Family, depths: dict, b
     return max(0.0, total + largest_layer)
 
 
+@functools.lru_cache(maxsize=32)
+def _static(preset: str, mode: str, depths: str, lora: str) -> tuple[ParameterBytes, frozenset]:
+    """Parameter bytes and checkpointed stacks of one set-up (a meta model build takes seconds: cached)."""
+    model = meta_model(preset, mode, json.loads(depths), json.loads(lora))
+    return parameter_bytes(model, mode), frozenset(checkpointed_stacks(model, family_of(preset)))
+
+
 def predict(preset: str, mode: str, batch_size: int, gradient_checkpointing: bool, calibration: dict | None = None,
             depths: dict | None = None, lengths: dict | None = None, lora: dict | None = None) -> Prediction:
     """Peak training memory (bytes) of `preset` in `mode` at `batch_size` per GPU. `calibration`: the
@@ -525,10 +540,9 @@ def predict(preset: str, mode: str, batch_size: int, gradient_checkpointing: boo
     if family.preset not in calibration and preset not in calibration:
         raise KeyError(f"calibration has no entry for {preset!r} (has {sorted(calibration)})")
     coefficients = (calibration.get(preset) or calibration[family.preset])[_key(mode)]
-    model = meta_model(preset, mode, depths, lora)
-    counts = parameter_bytes(model, mode)
+    counts, checkpointed = _static(preset, mode, json.dumps(depths, sort_keys=True), json.dumps(lora, sort_keys=True))
     depths = {**_depths_of(preset), **(depths or {})}
-    checkpointed = checkpointed_stacks(model, family) if gradient_checkpointing else set()
+    checkpointed = checkpointed if gradient_checkpointing else set()
     activations = activation_bytes(coefficients, build_config(preset, mode, depths), family, depths, batch_size,
                                    checkpointed, lengths)
     return Prediction(preset, mode, batch_size, gradient_checkpointing, counts.parameters, counts.trainable,
@@ -537,16 +551,18 @@ def predict(preset: str, mode: str, batch_size: int, gradient_checkpointing: boo
 
 def largest_batch(preset: str, mode: str, gpu_gib: float, gradient_checkpointing: bool = True,
                   calibration: dict | None = None, limit: int = 1024) -> int:
-    """The largest batch per GPU whose predicted peak fits `gpu_gib` less the CUDA overhead (0: not even 1)."""
+    """The largest batch per GPU (at most `limit`) whose predicted peak fits `gpu_gib` less the CUDA overhead;
+    0 when not even batch 1 fits. Activations grow linearly with the batch; the AdamW transient does not."""
     calibration = calibration if calibration is not None else load_calibration()
     budget = gpu_gib * GIB - CUDA_OVERHEAD_BYTES
-    fixed = predict(preset, mode, 1, gradient_checkpointing, calibration)
-    per_sample = predict(preset, mode, 2, gradient_checkpointing, calibration).peak - fixed.peak
-    if fixed.peak > budget:
+    one = predict(preset, mode, 1, gradient_checkpointing, calibration)
+    per_sample = predict(preset, mode, 2, gradient_checkpointing, calibration).activations - one.activations
+    static = one.weights + one.optimizer + one.gradients
+    if static + max(one.activations, one.optimizer_transient) > budget:
         return 0
     if per_sample <= 0:
         return limit
-    return int(min(limit, 1 + (budget - fixed.peak) // per_sample))
+    return int(min(limit, 1 + (budget - static - one.activations) // per_sample))
 
 
 # ------------------------------------------------------------------------------------------- the commands
@@ -704,7 +720,7 @@ def readme_table(calibration: dict | None = None) -> str:
             cells = []
             for gib in GPU_GIB:
                 batch = largest_batch(family.preset, mode, gib, True, calibration)
-                cells.append(f"{batch}" if batch else "does not fit")
+                cells.append("does not fit" if not batch else f"≥ {batch}" if batch == 1024 else f"{batch}")
             lines.append(f"| {family.preset} | {names[mode]} | {static / GIB:.1f} GiB | "
                          f"{(two.activations - one.activations) / GIB:.2f} GiB | " + " | ".join(cells) + " |")
     return "\n".join(lines)
