@@ -81,6 +81,11 @@ def _vision_tokens(config, lengths):
     return (vision.image_size // patch) ** 2 + 1
 
 
+def _qformer_tokens(config, lengths):
+    # the queries, and the question when the Q-Former reads it (qformer_text_input: BLIP-2's VQA fine-tuning)
+    return config.num_query_tokens + (lengths["question"] if getattr(config, "qformer_text_input", False) else 0)
+
+
 def _coca_text_tokens(config, lengths):
     # the text encoder appends a CLS token, which takes one of max_position_embeddings
     return min(lengths["text"], config.text_config.max_position_embeddings - 1)
@@ -112,14 +117,15 @@ FAMILIES = {
         stacks=(
             Stack("vision", (("vision_config", "num_hidden_layers"),), ("vision_model.blocks",), _vision_tokens),
             Stack("qformer", (("qformer_config", "num_hidden_layers"),), ("qformer.encoder.layer",),
-                  lambda c, n: c.num_query_tokens, step=2),
+                  _qformer_tokens, step=2),
             # T5's encoder and decoder are one stack of layer pairs: the config requires equal depths. A pair's
             # tokens: the encoder's (queries + prompt) and the decoder's (answer)
             Stack("t5", (("text_config", "num_layers"), ("text_config", "num_decoder_layers")),
                   ("language_model.encoder.block", "language_model.decoder.block"), lambda c, n: c.num_query_tokens + n["prompt"] + n["answer"]),
         ),
-        # VQA: "Question: {} Short answer:" with a question (~20 T5 tokens, 32 leaves room) and a short answer
-        lengths={"prompt": 32, "answer": 8},
+        # VQA: "Question: {} Short answer:" with a question (~20 T5 tokens, 32 leaves room) and a short answer;
+        # the question in the Q-Former's tokenizer, when it reads it (up to its max_text_length, 32)
+        lengths={"prompt": 32, "answer": 8, "question": 32},
         full_overrides={"freeze_vision": False, "freeze_language_model": False},
     ),
     "coca-large-v2": Family(
@@ -152,8 +158,9 @@ def _get_path(module, path: str):
     return module
 
 
-def build_config(preset: str, mode: str, depths: dict | None = None):
-    """The preset's config, every part trainable for `full`, stack depths replaced by `depths` (name -> layers)."""
+def build_config(preset: str, mode: str, depths: dict | None = None, overrides: dict | None = None):
+    """The preset's config, every part trainable for `full`, stack depths replaced by `depths` (name -> layers),
+    top-level config fields replaced by `overrides` (e.g. a recipe's qformer_text_input)."""
     import copy
 
     from transformers import AutoConfig
@@ -170,6 +177,7 @@ def build_config(preset: str, mode: str, depths: dict | None = None):
             node[depth_key[-1]] = depths[stack.name]
     if mode == "full":
         kwargs.update(family.full_overrides)
+    kwargs.update(overrides or {})
     model_type = kwargs.pop("model_type")
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -196,13 +204,14 @@ def _quantized_linears(model) -> dict:
             if isinstance(module, torch.nn.Linear) and module is not output and not _keep_in_fp32(model, name)}
 
 
-def meta_model(preset: str, mode: str, depths: dict | None = None, lora: dict | None = None):
+def meta_model(preset: str, mode: str, depths: dict | None = None, lora: dict | None = None,
+               overrides: dict | None = None):
     """The model on the meta device as it trains in `mode`: for the LoRA modes, wrapped by the project's own
     `apply_lora` (real peft injection; the adapters are fp32 as peft makes them)."""
     _check_mode(mode)
     family = family_of(preset)
     with torch.device("meta"):
-        model = family.load_class()._from_config(build_config(preset, mode, depths))
+        model = family.load_class()._from_config(build_config(preset, mode, depths, overrides))
     if mode != "full":
         from hf_vlm.trainers.lora import apply_lora
 
@@ -525,38 +534,43 @@ def activation_bytes(coefficients: dict, config, family: Family, depths: dict, b
 
 
 @functools.lru_cache(maxsize=32)
-def _static(preset: str, mode: str, depths: str, lora: str) -> tuple[ParameterBytes, frozenset]:
+def _static(preset: str, mode: str, depths: str, lora: str, overrides: str) -> tuple[ParameterBytes, frozenset]:
     """Parameter bytes and checkpointed stacks of one set-up (a meta model build takes seconds: cached)."""
-    model = meta_model(preset, mode, json.loads(depths), json.loads(lora))
+    model = meta_model(preset, mode, json.loads(depths), json.loads(lora), json.loads(overrides))
     return parameter_bytes(model, mode), frozenset(checkpointed_stacks(model, family_of(preset)))
 
 
 def predict(preset: str, mode: str, batch_size: int, gradient_checkpointing: bool, calibration: dict | None = None,
-            depths: dict | None = None, lengths: dict | None = None, lora: dict | None = None) -> Prediction:
+            depths: dict | None = None, lengths: dict | None = None, lora: dict | None = None,
+            config_overrides: dict | None = None) -> Prediction:
     """Peak training memory (bytes) of `preset` in `mode` at `batch_size` per GPU. `calibration`: the
-    coefficients file's content, keyed by the family's full-size preset (the widths they were measured at)."""
+    coefficients file's content, keyed by the preset (the widths they were measured at). `config_overrides`:
+    config fields a recipe changes (qformer_text_input adds the Q-Former's text path and question tokens, counted
+    with the query path's per-token coefficients)."""
     family = family_of(preset)
     calibration = calibration if calibration is not None else load_calibration()
     if family.preset not in calibration and preset not in calibration:
         raise KeyError(f"calibration has no entry for {preset!r} (has {sorted(calibration)})")
     coefficients = (calibration.get(preset) or calibration[family.preset])[_key(mode)]
-    counts, checkpointed = _static(preset, mode, json.dumps(depths, sort_keys=True), json.dumps(lora, sort_keys=True))
+    counts, checkpointed = _static(preset, mode, json.dumps(depths, sort_keys=True), json.dumps(lora, sort_keys=True),
+                                   json.dumps(config_overrides, sort_keys=True))
     depths = {**_depths_of(preset), **(depths or {})}
     checkpointed = checkpointed if gradient_checkpointing else set()
-    activations = activation_bytes(coefficients, build_config(preset, mode, depths), family, depths, batch_size,
-                                   checkpointed, lengths)
+    activations = activation_bytes(coefficients, build_config(preset, mode, depths, config_overrides), family,
+                                   depths, batch_size, checkpointed, lengths)
     return Prediction(preset, mode, batch_size, gradient_checkpointing, counts.parameters, counts.trainable,
                       counts.weights, counts.gradients, counts.optimizer, activations, counts.optimizer_transient)
 
 
 def largest_batch(preset: str, mode: str, gpu_gib: float, gradient_checkpointing: bool = True,
-                  calibration: dict | None = None, limit: int = 1024) -> int:
+                  calibration: dict | None = None, limit: int = 1024, config_overrides: dict | None = None) -> int:
     """The largest batch per GPU (at most `limit`) whose predicted peak fits `gpu_gib` less the CUDA overhead;
     0 when not even batch 1 fits. Activations grow linearly with the batch; the AdamW transient does not."""
     calibration = calibration if calibration is not None else load_calibration()
     budget = gpu_gib * GIB - CUDA_OVERHEAD_BYTES
-    one = predict(preset, mode, 1, gradient_checkpointing, calibration)
-    per_sample = predict(preset, mode, 2, gradient_checkpointing, calibration).activations - one.activations
+    one = predict(preset, mode, 1, gradient_checkpointing, calibration, config_overrides=config_overrides)
+    two = predict(preset, mode, 2, gradient_checkpointing, calibration, config_overrides=config_overrides)
+    per_sample = two.activations - one.activations
     static = one.weights + one.optimizer + one.gradients
     if static + max(one.activations, one.optimizer_transient) > budget:
         return 0
@@ -577,8 +591,9 @@ def _proc_status_kib(field_name: str) -> int:
 
 def measure_in_child(preset: str, mode: str, batch_size: int, gradient_checkpointing: bool,
                      depths: dict | None = None, timeout: float = 3600) -> dict:
-    """`measure_step` in a fresh Python process, adding its RSS high-water mark (VmHWM) above the RSS before the
-    model was built. glibc is told to mmap every allocation over 128 KiB, so freed tensors leave the RSS."""
+    """`measure_step` in a fresh Python process, adding its RSS high-water mark (VmHWM) above the RSS after the
+    imports, before the model was built. glibc is told to mmap every allocation over 128 KiB, so freed tensors
+    leave the RSS."""
     import subprocess
 
     argv = [sys.executable, "-m", "benchmarks.memory_model", "_child", json.dumps(
@@ -595,6 +610,9 @@ def measure_in_child(preset: str, mode: str, batch_size: int, gradient_checkpoin
 def _child(spec: str) -> None:
     args = json.loads(spec)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    family_of(args["preset"]).load_class()  # the imports (transformers, peft) before the baseline, not in the peak
+    import peft  # noqa: F401
+
     rss_before = _proc_status_kib("VmRSS") * 1024
     start = time.perf_counter()
     result = measure_step(args["preset"], args["mode"], args["batch_size"], args["gradient_checkpointing"],
@@ -630,7 +648,7 @@ def _record(case: str, params: dict, predicted: Prediction, measured: dict, note
 NOTES = ("ours = the memory model's prediction, upstream = measured on CPU: the peak of torch's CPU allocations "
          "(profiler memory events) of the second of two training steps (AdamW foreach, bf16 autocast), plus the "
          "weights and optimizer state held before it; the RSS row is the fresh process's VmHWM above its RSS "
-         "before the model was built (glibc mmap threshold 128 KiB), which also counts the first step and "
+         "after the imports, before the model was built (glibc mmap threshold 128 KiB), which also counts the first step and "
          "allocator slack. ratio = predicted / measured.")
 
 

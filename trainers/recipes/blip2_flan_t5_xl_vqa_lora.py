@@ -1,13 +1,14 @@
 """BLIP-2 FlanT5-XL VQA fine-tuning on ONE 24 GB GPU: LoRA adapters on the Q-Former's attention and FlanT5's
 q/v (trainers/lora.py's defaults for the family), the ViT frozen, bf16, gradient checkpointing. The question
-prompt, schedule shape and global batch are the blip2-flan-t5-xl-vqa recipe's (the BLIP-2 paper's 16 per GPU on
-8 GPUs = 128), reached here by gradient accumulation; the learning rate is LoRA's usual 1e-4 (adapters start at
+prompt, the question-aware Q-Former, schedule shape and global batch are the blip2-flan-t5-xl-vqa recipe's (the
+BLIP-2 paper's 16 per GPU on 8 GPUs = 128), reached here by gradient accumulation; the learning rate is LoRA's usual 1e-4 (adapters start at
 zero and need a larger step than full fine-tuning's 1e-5).
 
-The batch per GPU comes from benchmarks/memory_model.py: weights 8.5 GiB (bf16 base, fp32 Q-Former), fp32
-adapters with their gradients and AdamW state 0.1 GiB, activations 0.25 GiB per sample (the frozen T5 runs in
-eval mode, where transformers does not checkpoint its layers), so at most 52 fit in 24 GB with 1.5 GiB left to
-CUDA; 32 is the largest power of two under that that divides the global batch (predicted peak 17.5 GiB).
+The batch per GPU comes from benchmarks/memory_model.py: weights 8.8 GiB (bf16 base, fp32 Q-Former with its
+text path), fp32 adapters with their gradients and AdamW state 0.1 GiB, activations 0.28 GiB per sample (the
+frozen T5 runs in eval mode, where transformers does not checkpoint its layers), so at most 50 fit in 24 GB with
+1.5 GiB left to CUDA; 32 is the largest power of two under that that divides the global batch (predicted peak
+17.9 GiB).
 tests/test_memory_model.py checks it against the model. LoRA adapts a saved checkpoint: pass
 `--model` (a converted BLIP-2 FlanT5-XL folder or Hub id, bf16); the preset names its architecture.
 """
@@ -30,7 +31,7 @@ RECIPE = Recipe(
         "per_device_train_batch_size": PER_DEVICE_BATCH,
         "gradient_accumulation_steps": GLOBAL_BATCH // PER_DEVICE_BATCH,
     },
-    model_overrides={"lora": True, "freeze_vision": True, "freeze_language_model": True},
+    model_overrides={**VQA.model_overrides, "lora": True, "freeze_vision": True, "freeze_language_model": True},
     nodes=1,
     gpus_per_node=1,
     source="BLIP-2 paper section 4.3 (VQA fine-tuning); LoRA r/alpha/targets: trainers/lora.py",
