@@ -39,8 +39,10 @@ def test_every_recipe_names_a_stage_and_model_and_parses(tmp_path):
     for name in names:
         recipe = get_recipe(name)
         assert recipe.model in list_presets(), name
-        _, model_args, _, args = parse_recipe(name, tmp_path)
-        assert model_args.model == recipe.model
+        # a LoRA recipe adapts a saved checkpoint (--model); its preset names the architecture
+        checkpoint = ("--model", str(tmp_path / "checkpoint")) if recipe.model_overrides.get("lora") else ()
+        _, model_args, _, args = parse_recipe(name, tmp_path, *checkpoint)
+        assert model_args.model == (checkpoint[1] if checkpoint else recipe.model)
         assert args.remove_unused_columns is False  # raw image/text columns reach the collator
         for key, value in recipe.training.items():
             if key in ("bf16", "deepspeed", "lr_scheduler_kwargs", "report_to"):  # normalised by transformers
