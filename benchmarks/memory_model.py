@@ -5,8 +5,9 @@ bf16 autocast (the Trainer's `--bf16`) and AdamW:
 
   full       every weight trains; fp32 weights, fp32 gradients, AdamW's two fp32 moments (16 bytes/parameter)
   lora       LoRA adapters (trainers/lora.py: the family's default targets, rank, alpha) on a bf16 base; the
-             modules the model keeps in fp32 (`_keep_in_fp32_modules`) stay fp32, as `from_pretrained` loads them;
-             the adapters are fp32 (peft), and only they have gradients and optimizer state
+             modules the model lists in `_keep_in_fp32_modules` counted in fp32 (an overestimate for a bf16
+             checkpoint, see `_keep_in_fp32`); the adapters are fp32 (peft), and only they have gradients and
+             optimizer state
   lora-8bit  the same adapters on a bitsandbytes 8-bit base: quantized linear layers hold int8 weights plus one
              fp32 scale per output row; peft's `prepare_model_for_kbit_training` (which `apply_lora` calls) casts
              every other weight to fp32
@@ -191,7 +192,10 @@ def _check_mode(mode: str) -> None:
 
 
 def _keep_in_fp32(model, name: str) -> bool:
-    """Whether `from_pretrained(dtype=bf16)` keeps this parameter in fp32 (transformers' rule)."""
+    """Whether the parameter is in a module the model declares `_keep_in_fp32_modules` (BLIP-2: the Q-Former and
+    query tokens; T5's `wo`). Quantization leaves these alone. The LoRA rows count them in fp32 too, as the full-size
+    check measured; transformers 5.23's `from_pretrained(dtype=bfloat16)` upcasts only `_keep_in_fp32_modules_strict`,
+    so a bf16 checkpoint loads them in bf16 (BLIP-2: 1.2 GiB less than counted here)."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     return any(module in name.split(".") for module in keep)
 
@@ -201,7 +205,8 @@ def _quantized_linears(model) -> dict:
     fp32 (transformers' quantizer leaves `_keep_in_fp32_modules` alone) and outside the output embeddings."""
     output = model.get_output_embeddings()
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not output and not _keep_in_fp32(model, name)}
+            if isinstance(module, torch.nn.Linear) and module is not output and not _keep_in_fp32(model, name)
+            and ".lora_" not in name}  # peft's adapters are fp32 trainable layers
 
 
 def meta_model(preset: str, mode: str, depths: dict | None = None, lora: dict | None = None,
@@ -210,8 +215,14 @@ def meta_model(preset: str, mode: str, depths: dict | None = None, lora: dict | 
     `apply_lora` (real peft injection; the adapters are fp32 as peft makes them)."""
     _check_mode(mode)
     family = family_of(preset)
+    config = build_config(preset, mode, depths, overrides)
+    if mode == "lora-8bit":
+        from hf_vlm.trainers.lora import quantization_config
+
+        # a quantized load: the model declares what quantization leaves alone (BLIP-2: its ViT too)
+        config.quantization_config = quantization_config(load_in_8bit=True)
     with torch.device("meta"):
-        model = family.load_class()._from_config(build_config(preset, mode, depths, overrides))
+        model = family.load_class()._from_config(config)
     if mode != "full":
         from hf_vlm.trainers.lora import apply_lora
 
@@ -291,7 +302,7 @@ def build_real_model(preset: str, mode: str, depths: dict | None = None, lora: d
     from hf_vlm.trainers.lora import apply_lora
 
     model = model_class._from_config(build_config(preset, mode, depths), dtype=torch.bfloat16)
-    for name, param in model.named_parameters():  # what from_pretrained(dtype=bf16) keeps in fp32
+    for name, param in model.named_parameters():  # the accounting's fp32 modules (see _keep_in_fp32)
         if _keep_in_fp32(model, name):
             param.data = param.data.float()
     return apply_lora(model, **(lora or {}))
@@ -635,7 +646,9 @@ def _record(case: str, params: dict, predicted: Prediction, measured: dict, note
                             "ratio": predicted.activations / measured["activations"]
                             if measured["activations"] > 0 else None},
     }
-    if "rss_peak_above_start" in measured:
+    # the process's RSS also holds the profiler's buffers, oneDNN's scratch and allocator slack (hundreds of MiB):
+    # a check only where the tensors dwarf them
+    if "rss_peak_above_start" in measured and measured["peak"] > GIB:
         rss = measured["rss_peak_above_start"]
         metrics["peak MiB (process RSS high-water above start)"] = {
             "ours": predicted.peak / mib, "upstream": rss / mib, "ratio": predicted.peak / rss}
