@@ -118,11 +118,11 @@ class DemoPlan:
         the image, not to reach the targets."""
         return cls(caption_scenes=1500, vqa_scenes=400, test_scenes=100, runs=(
             StageRun("coca", "pretrain", "coca-tiny", "captions", 250, 2e-3, 32),
-            StageRun("t5", "text-lm", "t5-scene-text", "text", 150, 2e-3, 32),
+            StageRun("t5", "text-lm", "t5-scene-text", "text", 100, 2e-3, 8),
             StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 30, 1e-3, 32, vision_from="coca"),
             StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 250, 2e-3, 32,
                      init_qformer_from="blip2-stage1", language_model="t5"),
-            StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 150, 1e-3, 32, init="blip2-stage2",
+            StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 100, 1e-3, 32, init="blip2-stage2",
                      qformer_text_from="blip2-stage1", extra_args=VQA_FINETUNE),
         ))
 
