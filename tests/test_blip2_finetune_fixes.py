@@ -4,6 +4,7 @@ loading, and the processor's padding argument in and out of `transformers.pipeli
 
 import pytest
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 import hf_vlm  # noqa: F401  (registers the Auto classes)
 from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor
@@ -98,13 +99,42 @@ def test_train_mode_reaches_lora_inside_the_frozen_towers_and_nothing_else_of_th
         own = {name: m for name, m in tower.named_modules() if "lora_" not in name and name != "" and not any(
             m is u for u in unfrozen.modules())}
         assert any("drop" in name.rsplit(".", 1)[-1] for name in own)  # T5's dropout, EVA's drop-path / dropout
-        training = [name for name, m in own.items() if m.training and not hasattr(m, "base_layer")]
+        training = [name for name, m in own.items()
+                    if m.training and not hasattr(m, "base_layer") and not isinstance(m, GradientCheckpointingLayer)]
         assert training == [], training  # the frozen towers' own dropout, drop-path and LoRA's base layers: eval
     assert all(m.training for m in unfrozen.modules())
     assert model.qformer.training and model.qformer.dropout.training  # trained in full, as before
 
     peft_model.eval()
     assert not any(m.training for m in peft_model.modules())
+
+
+def test_gradient_checkpointing_reaches_a_frozen_t5_with_lora_adapters():
+    """transformers checkpoints a layer only in training mode, and the frozen T5 is kept in eval mode: with LoRA in
+    T5, checkpointing was silently off there and every T5 activation was kept (what LoRA fine-tuning on one GPU runs
+    out of). T5 blocks holding adapters follow train(), so they are recomputed in backward; their dropout stays off,
+    so the loss and every adapter gradient equal the run without checkpointing."""
+    def lora_step(checkpointing):
+        model = tiny_stage2()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model = peft().get_peft_model(model, peft().LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                    target_modules=QFORMER_AND_T5_TARGETS))
+        peft_model.train()
+        calls = []
+        model.language_model.encoder.block[0].layer[0].register_forward_hook(lambda *args: calls.append(1))
+        loss = peft_model(**training_batch()).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        return loss.item(), grads, len(calls)
+
+    loss, grads, calls = lora_step(checkpointing=False)
+    checkpointed_loss, checkpointed_grads, checkpointed_calls = lora_step(checkpointing=True)
+    assert (calls, checkpointed_calls) == (1, 2)  # the T5 block ran again in backward
+    assert checkpointed_loss == pytest.approx(loss, abs=1e-6)
+    assert grads.keys() == checkpointed_grads.keys() and any("language_model" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(checkpointed_grads[name], grads[name], msg=name)
 
 
 def test_peft_seq2seq_lm_wrapper_runs_forward_and_generate(processor):
