@@ -252,6 +252,8 @@ def parameter_bytes(model, mode: str) -> ParameterBytes:
     # peft renames a wrapped layer's weight to `<name>.base_layer.weight`; compare names without it
     quantized_rows = {_plain(f"{name}.weight"): m.out_features for name, m in _quantized_linears(base).items()}
     quantized = set(quantized_rows) if mode == "lora-8bit" else set()
+    # apply_lora gives a top-level part without adapters its load dtype back after peft's fp32 upcast (BLIP-2's ViT)
+    with_adapters = {name.split(".")[0] for name, p in base.named_parameters() if p.requires_grad}
     parameters = trainable = 0
     weights = 0.0
     for name, param in model.named_parameters():
@@ -265,8 +267,10 @@ def parameter_bytes(model, mode: str) -> ParameterBytes:
             weights += (4 if _keep_in_fp32(base, plain) else 2) * numel
         elif plain in quantized:
             weights += numel + 4 * quantized_rows[plain]  # int8 weight + one fp32 scale per output row
-        else:
+        elif plain.split(".")[0] in with_adapters:
             weights += 4 * numel  # prepare_model_for_kbit_training casts the rest to fp32
+        else:
+            weights += 2 * numel  # bf16, as loaded
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     return ParameterBytes(parameters, trainable, weights, gradients=4.0 * trainable, optimizer=8.0 * trainable,
                           optimizer_transient=4.0 * trainable)

@@ -279,6 +279,28 @@ def test_lora_on_a_bitsandbytes_quantized_base_trains_every_adapter(family, bits
     assert summary["lora"][f"load_in_{bits}bit"] is True
 
 
+def test_an_8bit_blip2_base_keeps_its_frozen_vit_in_the_load_dtype(assets):
+    """peft's prepare_model_for_kbit_training casts every unquantized half-precision weight to fp32, BLIP-2's
+    1B-parameter ViT included (quantization leaves it alone), which made 8-bit LoRA use more memory than bf16 LoRA.
+    A part with no adapter keeps its load dtype; the parts with adapters get peft's fp32, and the adapters train."""
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForConditionalGeneration, Blip2FlanT5Processor
+    from hf_vlm.trainers.lora import apply_lora, quantization_config
+
+    model = Blip2FlanT5ForConditionalGeneration.from_pretrained(
+        assets / "blip2", dtype=torch.bfloat16, quantization_config=quantization_config(load_in_8bit=True))
+    assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
+    peft_model = apply_lora(model)
+    assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.language_model.named_parameters()
+            if p.dtype.is_floating_point and "lora_" not in n} == {torch.float32}  # peft's upcast where adapters are
+    peft_model.train()
+    inputs = model_inputs("blip2", Blip2FlanT5Processor.from_pretrained(assets / "blip2"))
+    peft_model(**inputs, labels=inputs["decoder_input_ids"]).loss.backward()
+    lora_grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert lora_grads and all(g is not None and g.isfinite().all() for g in lora_grads.values())
+    assert any(g.any() for n, g in lora_grads.items() if "lora_B" in n)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_lora_with_reentrant_gradient_checkpointing_trains_every_adapter(family, assets, tmp_path):
     """Reentrant checkpointing back-propagates only into blocks whose inputs require grad; with a frozen base that

@@ -97,6 +97,7 @@ def apply_lora(model, r: int = LORA_R, alpha: int = LORA_ALPHA, dropout: float =
 
     target_modules = list(target_modules) if target_modules else default_lora_target_modules(model.config)
     checkpointing = gradient_checkpointing_kwargs is not None
+    load_dtypes = {name: p.dtype for name, p in model.named_parameters()}
     if is_quantized(model):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
@@ -105,7 +106,26 @@ def apply_lora(model, r: int = LORA_R, alpha: int = LORA_ALPHA, dropout: float =
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"--lora_target_modules {target_modules} do not name modules of {type(model).__name__}: "
                          f"{err}") from err
+    _restore_adapter_free_parts(model, load_dtypes)
+    return peft_model
+
+
+def _restore_adapter_free_parts(model, load_dtypes: dict) -> None:
+    """Give the model's top-level parts that hold no adapter their load dtype back.
+
+    `prepare_model_for_kbit_training` casts every half-precision weight that is not quantized to fp32, so that
+    what trains next to the int8 layers trains in fp32. A part with no adapter trains nothing, and BLIP-2's ViT,
+    which quantization leaves alone (modeling_blip2_flant5: timm's EVA calls F.linear with its weight), is 1B
+    parameters: fp32 would cost 2 GiB more than bf16 and make 8-bit save nothing over bf16 LoRA."""
+    for part_name, part in model.named_children():
+        parameters = dict(part.named_parameters(prefix=part_name))
+        if any(p.requires_grad for p in parameters.values()):
+            continue
+        for name, param in parameters.items():
+            dtype = load_dtypes.get(name)
+            if dtype is not None and dtype != param.dtype and param.dtype.is_floating_point:
+                param.data = param.data.to(dtype)
