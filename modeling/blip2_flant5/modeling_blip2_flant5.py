@@ -652,10 +652,10 @@ def _name_unreadable_weights(error: Exception, source) -> Exception:
 def _eval_except_trainable_parts(tower: nn.Module, mode: bool):
     """A frozen tower in eval mode, except what trains inside it, which follows `mode`: adapter layers (peft's keep
     the frozen module they wrap as `base_layer`, which stays in eval mode; their dropout trains) and submodules whose
-    parameters all require grad. Checkpointed layers (GradientCheckpointingLayer) holding an adapter follow `mode`
-    too, but not their children: transformers checkpoints a layer only in training mode, and a frozen T5 with LoRA
-    adapters would otherwise keep every activation (its dropout stays off all the same). Two passes over the
-    modules: the Trainer calls train() every step."""
+    parameters all require grad. Checkpointed layers (GradientCheckpointingLayer) follow `mode` too, but not their
+    children: transformers checkpoints a layer only in training mode, and the frozen T5, which the gradient of
+    everything before it (Q-Former, adapters) flows through, would otherwise keep every activation; its dropout
+    stays off all the same. Two passes over the modules: the Trainer calls train() every step."""
     if not mode:
         tower.eval()
         return
@@ -675,7 +675,7 @@ def _eval_except_trainable_parts(tower: nn.Module, mode: bool):
         whole = inherited or (any_grad and all_grad)
         base_layer = getattr(module, "base_layer", None)
         adapter = any_grad and isinstance(base_layer, nn.Module)
-        module.training = whole or adapter or (any_grad and isinstance(module, GradientCheckpointingLayer))
+        module.training = whole or adapter or isinstance(module, GradientCheckpointingLayer)
         for child in module.children():
             set_training(child, whole or (adapter and child is not base_layer))
 
