@@ -21,7 +21,8 @@ layer per token per sample plus a batch-independent part per layer (autocast's b
 and outside the stacks per sample and fixed. A prediction adds each stack's layers at their real depth. With
 gradient checkpointing, a checkpointed stack keeps each layer's output instead and backward recomputes one layer;
 transformers' layers checkpoint only in training mode, so a frozen part the model keeps in eval mode (BLIP-2's
-frozen T5, today) keeps everything (`checkpointed_stacks` asks the model). The optimizer step's own peak is
+frozen ViT; its frozen T5's layers follow train() so that they are checkpointed) keeps everything
+(`checkpointed_stacks` asks the model). The optimizer step's own peak is
 AdamW's foreach transient, one fp32 copy of the trainable parameters.
 
     peak = weights + optimizer state + gradients + max(activations, AdamW transient)
@@ -269,8 +270,8 @@ def parameter_bytes(model, mode: str) -> ParameterBytes:
             weights += numel + 4 * quantized_rows[plain]  # int8 weight + one fp32 scale per output row
         elif plain.split(".")[0] in with_adapters:
             weights += 4 * numel  # prepare_model_for_kbit_training casts the rest to fp32
-        else:
-            weights += 2 * numel  # bf16, as loaded
+        else:  # as loaded from a bf16 checkpoint: what the class keeps in fp32 (BLIP-2's query tokens) in fp32
+            weights += (4 if any(m in plain.split(".") for m in type(base)._keep_in_fp32_modules or []) else 2) * numel
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     return ParameterBytes(parameters, trainable, weights, gradients=4.0 * trainable, optimizer=8.0 * trainable,
                           optimizer_transient=4.0 * trainable)
@@ -519,8 +520,8 @@ class Prediction:
 
 def checkpointed_stacks(model, family: Family) -> set:
     """The stacks whose layers gradient checkpointing applies to in training mode: transformers' layers checkpoint
-    only while `training` is set, and a frozen part the model keeps in eval mode (BLIP-2's frozen T5 and ViT) keeps
-    every saved tensor even with --gradient_checkpointing."""
+    only while `training` is set, and a frozen part the model keeps in eval mode (BLIP-2's frozen ViT) keeps every saved
+    tensor even with --gradient_checkpointing."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.train()
     return {stack.name for stack in family.stacks if _get_path(base, stack.layers[0])[0].training}
