@@ -447,7 +447,8 @@ def test_the_readme_bulk_examples_run_as_written(checkpoints, tmp_path, monkeypa
     assert len(commands) >= 4
     monkeypatch.chdir(tmp_path)
     demo = Path(".demo")
-    for name, source in (("checkpoints/coca", "coca"), ("checkpoints/blip2", "blip2"), ("runs/blip2-stage1", "stage1")):
+    for name, source in (("checkpoints/coca", "coca"), ("checkpoints/blip2", "blip2"),
+                         ("checkpoints/blip2-caption", "blip2"), ("runs/blip2-stage1", "stage1")):
         shutil.copytree(checkpoints[source], demo / name)
     (demo / "data" / "captions").mkdir(parents=True)
     for s in range(2):  # as hf_vlm.scenes.export_webdataset names them
