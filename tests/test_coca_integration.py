@@ -218,9 +218,10 @@ def test_contrastive_loss_gathers_across_ranks_with_gradient(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fork: the ranks inherit the imported modules (spawning would import transformers twice more)
+    # spawn, not fork: a forked child cannot run backward once autograd's threads started in this process, and
+    # whether an earlier test on the same pytest worker started them depends on the order tests are dealt out
     mp.start_processes(_rank_losses_and_grads, args=(2, port, images, input_ids, tmp_path / "ranks.pt"), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     distributed = torch.load(tmp_path / "ranks.pt")
 
     torch.manual_seed(0)
