@@ -5,8 +5,10 @@ so `make demo` first teaches a small T5 the language of its scenes with the stoc
 
 - prefix language modelling on the training captions (the first k words in, the rest out; k = 0 is the
   whole caption from an empty input, as BLIP-2's stage 2 asks of it),
-- question answering as the VQA prompt phrases it ("Question: ... Short answer:" -> the answer), which from
-  text alone teaches the answer vocabulary and its prior, not the answer (that needs the image).
+- reading comprehension: the scene's caption, then the question as the VQA prompt phrases it ("<caption>
+  Question: ... Short answer:" -> the answer). FlanT5 reads answers out of its input; a T5 that learned to answer
+  from the question alone answers from the prior and ignores what the Q-Former puts before the question (the
+  VQA fine-tune then stayed at the text-only loss). BLIP-2 puts the queries where the caption is here.
 
 Run as `python -m hf_vlm.demo_lm --text_corpus corpus.jsonl --processor <blip2 processor> --output_dir ...`
 plus any `TrainingArguments`; the demo launches it like the trainers/ scripts. The output is a
@@ -31,15 +33,16 @@ class TextLMArguments:
     d_model: int = field(default=128, metadata={"help": "T5 width"})
     num_layers: int = field(default=2, metadata={"help": "encoder and decoder layers each"})
     num_heads: int = field(default=4, metadata={"help": "attention heads"})
-    max_length: int = field(default=32, metadata={"help": "tokens of input and of target"})
+    max_length: int = field(default=48, metadata={"help": "tokens of input and of target (caption + question: up to 37)"})
 
 
 def text_pairs(row: dict, rng: random.Random) -> list[tuple[str, str]]:
-    """(input, target) pairs from one scene's text: a caption cut at a random word, and each question."""
+    """(input, target) pairs from one scene's text: a caption cut at a random word, and each question after the
+    caption."""
     words = row["caption"].split()
     cut = rng.randrange(len(words))
     pairs = [(" ".join(words[:cut]), " ".join(words[cut:]))]
-    pairs += [(VQA_PROMPT.format(q), a) for q, a in zip(row["questions"], row["answers"])]
+    pairs += [(f"{row['caption']} {VQA_PROMPT.format(q)}", a) for q, a in zip(row["questions"], row["answers"])]
     return pairs
 
 
