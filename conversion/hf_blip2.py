@@ -134,6 +134,26 @@ def load_processor(source: Path, tokenizer: str | None, image_size: int):
     return processor
 
 
+def read_hf_config(source: Path, config_class, kind: str):
+    """`config_class.from_pretrained(source)`, with errors naming the folder or its config.json."""
+    if not (source / "config.json").is_file():
+        raise ConversionError(f"{source} is not a transformers model folder (no config.json)")
+    try:
+        json.loads((source / "config.json").read_text())
+        return config_class.from_pretrained(source)
+    except (ValueError, OSError) as err:
+        raise ConversionError(f"{source / 'config.json'} is not a {kind} config: {err}") from err
+
+
+def copies_tied_lm_head(reader, config, hf_config) -> bool:
+    """Whether our separate lm_head is filled from `shared`: transformers 5.23 builds T5 with lm_head tied to
+    `shared` (T5Config forces tie_word_embeddings) and saves no lm_head; its output scaling stays what the config
+    says (scale_decoder_outputs False for FlanT5-style configs). Our model then keeps a separate lm_head, equal to
+    `shared`: the same computation."""
+    return (LM_HEAD not in reader.keys() and SHARED in reader.keys() and not config.lm_head_is_tied
+            and getattr(hf_config.text_config, "tie_word_embeddings", False))
+
+
 def convert(source, output, *, tokenizer: str | None = None, dtype: str = "float32", max_shard_size: str = "2GB",
             overwrite: bool = False, progress: bool = True):
     """Convert a transformers BLIP-2 (T5) folder; returns the ConversionSummary."""
@@ -146,23 +166,12 @@ def convert(source, output, *, tokenizer: str | None = None, dtype: str = "float
 
     source = Path(source)
     check_output(output, overwrite)
-    if not (source / "config.json").is_file():
-        raise ConversionError(f"{source} is not a transformers model folder (no config.json)")
-    try:
-        json.loads((source / "config.json").read_text())
-        hf_config = Blip2Config.from_pretrained(source)
-    except (ValueError, OSError) as err:
-        raise ConversionError(f"{source / 'config.json'} is not a BLIP-2 config: {err}") from err
+    hf_config = read_hf_config(source, Blip2Config, "BLIP-2")
     reader = open_checkpoint(source)
     config = blip2_flant5_config_from_hf(hf_config)
     model = build_meta_model(Blip2FlanT5ForConditionalGeneration, config)
     processor = load_processor(source, tokenizer, config.vision_config.image_size)
-    # transformers 5.23 builds T5 with lm_head tied to `shared` (T5Config forces tie_word_embeddings) and saves no
-    # lm_head; its output scaling stays what the config says (scale_decoder_outputs False for FlanT5-style configs).
-    # Our model then keeps a separate lm_head, equal to `shared`: the same computation.
-    copy_tied_lm_head = (LM_HEAD not in reader.keys() and SHARED in reader.keys() and not config.lm_head_is_tied
-                         and getattr(hf_config.text_config, "tie_word_embeddings", False))
-    rules = blip2_rules(reader.keys(), copy_tied_lm_head=copy_tied_lm_head)
+    rules = blip2_rules(reader.keys(), copy_tied_lm_head=copies_tied_lm_head(reader, config, hf_config))
     return convert_checkpoint(reader, rules, DROPS, model, output, dtype=dtype,
                               max_shard_size=max_shard_size, overwrite=overwrite, processor=processor,
                               progress=progress)

@@ -14,14 +14,18 @@ Run as `hf-vlm convert hf-instructblip SOURCE OUTPUT` or `python -m hf_vlm.conve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 from hf_vlm.conversion.core import Drop
 from hf_vlm.conversion.errors import ConversionError
 from hf_vlm.conversion.hf_blip2 import DROPS as BLIP2_DROPS
-from hf_vlm.conversion.hf_blip2 import LM_HEAD, SHARED, blip2_flant5_config_from_hf, blip2_rules
+from hf_vlm.conversion.hf_blip2 import (
+    blip2_flant5_config_from_hf,
+    blip2_rules,
+    copies_tied_lm_head,
+    read_hf_config,
+)
 
 QFORMER_TOKENIZER_SUBFOLDER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts it
 QFORMER_MAX_TEXT_LENGTH = 128  # LAVIS blip2_t5_instruct's max_txt_len for the Q-Former's instruction
@@ -99,21 +103,12 @@ def convert(source, output, *, tokenizer: str | None = None, qformer_tokenizer: 
 
     source = Path(source)
     check_output(output, overwrite)
-    if not (source / "config.json").is_file():
-        raise ConversionError(f"{source} is not a transformers model folder (no config.json)")
-    try:
-        json.loads((source / "config.json").read_text())
-        hf_config = InstructBlipConfig.from_pretrained(source)
-    except (ValueError, OSError) as err:
-        raise ConversionError(f"{source / 'config.json'} is not an InstructBLIP config: {err}") from err
+    hf_config = read_hf_config(source, InstructBlipConfig, "InstructBLIP")
     config = config_from_hf(hf_config)
     reader = open_checkpoint(source)
     model = build_meta_model(Blip2FlanT5ForConditionalGeneration, config)
     processor = load_processor(source, tokenizer, qformer_tokenizer, config.vision_config.image_size)
-    # As in hf-blip2: a T5 saved with lm_head tied to `shared` (transformers 5.23 from a config) fills our separate one.
-    copy_tied_lm_head = (LM_HEAD not in reader.keys() and SHARED in reader.keys() and not config.lm_head_is_tied
-                         and getattr(hf_config.text_config, "tie_word_embeddings", False))
-    rules = instructblip_rules(reader.keys(), copy_tied_lm_head)
+    rules = instructblip_rules(reader.keys(), copies_tied_lm_head(reader, config, hf_config))
     return convert_checkpoint(reader, rules, DROPS, model, output, dtype=dtype, max_shard_size=max_shard_size,
                               overwrite=overwrite, processor=processor, progress=progress)
 
