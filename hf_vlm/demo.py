@@ -88,6 +88,21 @@ DEMO_BLIP2 = {"num_query_tokens": 8, "image_text_hidden_size": 64}
 VQA_FINETUNE = ("--freeze_vision", "false", "--freeze_language_model", "true")
 
 
+def demo_runs(steps: dict[str, int], coca_batch_size: int) -> tuple[StageRun, ...]:
+    """The demo's runs, with `steps` for each: CoCa and the T5 side by side, then BLIP-2 stage 1 (on CoCa's
+    ViT) -> stage 2 (on the T5) -> VQA fine-tune (question-aware Q-Former, text path from stage 1)."""
+    return (
+        StageRun("coca", "pretrain", "coca-tiny", "captions", steps["coca"], 2e-3, coca_batch_size),
+        StageRun("t5", "text-lm", "t5-scene-text", "text", steps["t5"], 2e-3, 8),
+        StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", steps["blip2-stage1"], 1e-3, 32,
+                 vision_from="coca"),
+        StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", steps["blip2-stage2"], 2e-3, 32,
+                 init_qformer_from="blip2-stage1", language_model="t5"),
+        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", steps["blip2"], 1e-3, 32, init="blip2-stage2",
+                 qformer_text_from="blip2-stage1", extra_args=VQA_FINETUNE),
+    )
+
+
 @dataclass(frozen=True)
 class DemoPlan:
     """Sizes and schedules of the demo; `quick()` is the same pipeline, short, for tests."""
@@ -102,30 +117,15 @@ class DemoPlan:
     # Scene captions and answers name positions and colours, which the recipes' crops, flips and colour
     # jitter would falsify ("left of" flipped is a lie): train on the evaluation transform.
     augmentation: str = "none"
-    runs: tuple[StageRun, ...] = field(default_factory=lambda: (
-        StageRun("coca", "pretrain", "coca-tiny", "captions", 1500, 2e-3, 64),
-        StageRun("t5", "text-lm", "t5-scene-text", "text", 1200, 2e-3, 8),
-        StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 300, 1e-3, 32, vision_from="coca"),
-        StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 800, 2e-3, 32,
-                 init_qformer_from="blip2-stage1", language_model="t5"),
-        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 1500, 1e-3, 32, init="blip2-stage2",
-                 qformer_text_from="blip2-stage1", extra_args=VQA_FINETUNE),
-    ))
+    runs: tuple[StageRun, ...] = field(default_factory=lambda: demo_runs(
+        {"coca": 1500, "t5": 1200, "blip2-stage1": 300, "blip2-stage2": 800, "blip2": 1500}, coca_batch_size=64))
 
     @classmethod
     def quick(cls) -> DemoPlan:
         """A few minutes on 2 idle cores: enough to show the frozen towers stay frozen and the captioner reads
         the image, not to reach the targets."""
-        return cls(caption_scenes=1500, vqa_scenes=400, test_scenes=100, runs=(
-            StageRun("coca", "pretrain", "coca-tiny", "captions", 250, 2e-3, 32),
-            StageRun("t5", "text-lm", "t5-scene-text", "text", 100, 2e-3, 8),
-            StageRun("blip2-stage1", "pretrain", "blip2-tiny-stage1", "captions", 30, 1e-3, 32, vision_from="coca"),
-            StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", 250, 2e-3, 32,
-                     init_qformer_from="blip2-stage1", language_model="t5"),
-            StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", 100, 1e-3, 32, init="blip2-stage2",
-                     qformer_text_from="blip2-stage1", extra_args=VQA_FINETUNE),
-        ))
-
+        return cls(caption_scenes=1500, vqa_scenes=400, test_scenes=100, runs=demo_runs(
+            {"coca": 250, "t5": 100, "blip2-stage1": 30, "blip2-stage2": 250, "blip2": 100}, coca_batch_size=32))
 
 def _log(message: str) -> None:
     print(f"[hf-vlm demo] {message}", flush=True)
