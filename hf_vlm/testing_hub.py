@@ -217,6 +217,12 @@ class LocalHub:
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Path(hf_home) / "hub"))
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(Path(hf_home) / "token"))
         monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(Path(hf_home) / "stored_tokens"))
+        # transformers keeps one HfApi per process, its endpoint fixed when first made: left over from an earlier
+        # (stopped) LocalHub, it sent from_pretrained's chat-template listing there, and each call waited out
+        # huggingface_hub's retries on "connection refused" (23 s; 130 s of a BLIP-2 LoRA test). Made again here.
+        import transformers.utils.hub as transformers_hub
+
+        monkeypatch.setattr(transformers_hub, "_hf_api", None, raising=False)
 
     # ---- test hooks and inspection ---------------------------------------------------------------
     def fail_next_lfs_uploads(self, count: int = 1, keep_bytes: int = 64) -> None:
