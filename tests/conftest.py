@@ -26,6 +26,41 @@ def pytest_configure(config):
             config.addinivalue_line("markers", f"{name}: used by transformers' common model tests")
 
 
+# Modules whose tests share costly module (or per-worker) fixtures: DeepSpeed launches, the built wheel and its venv,
+# pushed repositories, the Space's models and browser. Under xdist each group runs on one worker (see below).
+XDIST_GROUPS = {"test_train_distributed.py": "train_distributed", "test_wheel.py": "wheel",
+                "test_space_push.py": "wheel", "test_hub.py": "hub", "test_space.py": "space"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs `pytest -n 2` (xdist's `--dist load`), which hands out single tests: the tests of a module
+    with costly module fixtures landed on both workers, and each worker built those fixtures (the wheel was built
+    twice). This scheduler hands out each XDIST_GROUPS group as one unit (the largest first) and the other tests one
+    by one, as before. (xdist's own `--dist loadgroup` keys on a node id suffix that pytest 9 no longer keeps.)
+    An explicit other `--dist` is left alone."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = XDIST_GROUPS.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])
+            return f"group:{group}" if group else nodeid
+
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """On xdist workers, the modules that hold a `slow` test first: xdist hands out the groups (largest first), then
+    single tests in this order, and a long test handed out last made one worker finish minutes after the other.
+    Whole modules move, in file order, so that a module's tests stay together (its module fixtures are built once)."""
+    if hasattr(config, "workerinput"):
+        slow_modules = {getattr(item, "module", None) for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: getattr(item, "module", None) not in slow_modules)  # a stable sort
+
+
 @pytest.fixture(autouse=True)
 def _offline_and_seeded(monkeypatch):
     """No test reaches the network; every test starts from the same RNG state."""
