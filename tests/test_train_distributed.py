@@ -1,15 +1,18 @@
 """Training end to end on CPU: `accelerate launch` with 2 processes (gloo) + DeepSpeed ZeRO-2 / ZeRO-3 over
 trainers/pretrain.py and finetune.py, on the tiny recipes of both families.
 
-Launches are the slow part (imports + DeepSpeed start), so each fixture launches once and several tests
-read its outputs:
-  coca_zero2     coca-tiny, ZeRO-2, on shards holding a corrupt image and an empty caption
-  coca_streaming coca-tiny --streaming, ZeRO-3, and the same run resumed from a copy of its checkpoint-3
-  coca_resumed   coca_zero2's run SIGKILLed at step 7, then resumed from checkpoint-6 (mid-epoch, random augmentation)
-  coca_caption   finetune.py coca-tiny-caption from coca_zero2's output, ZeRO-3
-  blip2_stage1   blip2-tiny-stage1 from a saved initial checkpoint, ZeRO-3
-  blip2_stage2   blip2-tiny-stage2, Q-Former from blip2_stage1, ZeRO-2
-  blip2_lora_zero2  finetune.py blip2-tiny-caption --lora from blip2_stage2's output, ZeRO-2
+Launches are the slow part (imports + DeepSpeed start: 30-80 s each, a run of a few steps takes seconds), so the
+probe runs several trainings back to back in one launch, and several tests read each run's outputs:
+  first_launch   one launch of these runs, in this order:
+    coca_zero2       coca-tiny, ZeRO-2, on shards holding a corrupt image and an empty caption
+    coca_caption     finetune.py coca-tiny-caption from coca_zero2's output, ZeRO-3
+    streaming        coca-tiny --streaming, ZeRO-3
+    blip2_stage1     blip2-tiny-stage1 from a saved initial checkpoint, ZeRO-3
+    blip2_stage2     blip2-tiny-stage2, Q-Former from blip2_stage1, ZeRO-2
+    blip2_lora_zero2 finetune.py blip2-tiny-caption --lora from blip2_stage2's output, ZeRO-2
+  coca_streaming the streaming run resumed from a copy of its checkpoint-3 (a launch of its own)
+  coca_resumed   coca_zero2's run SIGKILLed at step 7, then resumed from checkpoint-6 (mid-epoch, random augmentation),
+                 each in a launch of its own: resumed runs start in fresh processes, as after a crash
 A probe script wraps the entry points (test-only): it records every rank's training loss as the model's
 forward returns it, saves the initial weights (ZeRO-2) and can SIGKILL the run at a given step.
 """
@@ -33,8 +36,9 @@ MULTI_GPU_CONFIG = ROOT / "trainers" / "accelerate" / "multi_gpu.yaml"
 pytestmark = pytest.mark.distributed
 
 PROBE = '''
-"""Test probe: runs hf_vlm.trainers.<entry>.main with a callback that records each rank's training loss
-(from the model's own forward), dumps the initial weights (ZeRO-2 / no DeepSpeed) and SIGKILLs at a step."""
+"""Test probe: runs hf_vlm.trainers.<entry>.main for each run of a list, with a callback that records each rank's
+training loss (from the model's own forward), dumps the initial weights (ZeRO-2 / no DeepSpeed) and SIGKILLs at a
+step."""
 import json, os, signal, sys
 from pathlib import Path
 
@@ -70,10 +74,23 @@ class Probe(TrainerCallback):
         (self.out / f"probe_losses_rank{self.rank}.json").write_text(json.dumps(self.losses))
 
 
-entry = os.environ["PROBE_ENTRY"]
-kill_at = int(os.environ.get("PROBE_KILL_AT", "0"))
-module = __import__(f"hf_vlm.trainers.{entry}", fromlist=["main"])
-sys.exit(module.main(sys.argv[1:], callbacks=[Probe(kill_at)]))
+# The runs of this launch, back to back in the same ranks: [{"entry": "pretrain", "args": [...], "kill_at": 0}, ...].
+# Each run starts as in a fresh process for accelerate: the launch's environment (TrainingArguments adds DeepSpeed
+# variables to it) and no Accelerator state (accelerate refuses a second Accelerator with a DeepSpeed plugin).
+from accelerate.state import AcceleratorState, GradientState
+
+launch_environment = dict(os.environ)
+for run in json.loads(Path(sys.argv[1]).read_text()):
+    os.environ.clear()
+    os.environ.update(launch_environment)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    module = __import__(f"hf_vlm.trainers.{run['entry']}", fromlist=["main"])
+    status = module.main(run["args"], callbacks=[Probe(run.get("kill_at", 0))])
+    if status:
+        sys.exit(status)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the next run may load this one's output
 '''
 
 
@@ -98,17 +115,18 @@ def _env(tmp: Path) -> dict:
     }
 
 
-def launch(tmp: Path, entry: str, args: list[str], *, kill_at: int = 0, name: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --num_processes 2` of the probe around trainers/<entry>.py; logs to tmp/<name>.log."""
+def launch(tmp: Path, runs: list[dict], *, name: str) -> subprocess.CompletedProcess:
+    """One `accelerate launch --num_processes 2` of the probe, which runs `runs` ({"entry": "pretrain" or
+    "finetune", "args": [...], "kill_at": step}) one after the other in the same two ranks; logs to tmp/<name>.log."""
     probe = tmp / "probe.py"
     probe.write_text(PROBE)
+    (tmp / f"{name}_runs.json").write_text(json.dumps(runs))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_GPU_CONFIG),
-        "--num_processes", "2", "--main_process_port", str(_free_port()), str(probe), *args,
+        "--num_processes", "2", "--main_process_port", str(_free_port()), str(probe), str(tmp / f"{name}_runs.json"),
     ]
-    env = {**_env(tmp), "PROBE_ENTRY": entry, "PROBE_KILL_AT": str(kill_at)}
     start = time.monotonic()
-    result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=900)
     (tmp / f"{name}.log").write_text(result.stdout + result.stderr)
     print(f"{name}: exit {result.returncode} after {time.monotonic() - start:.1f} s (log: {tmp / name}.log)")
     return result
@@ -201,70 +219,92 @@ def _coca_args(assets, out):
             *_common(assets, out, "--max_steps", str(COCA_STEPS), "--save_steps", "2")]
 
 
-@pytest.fixture(scope="module")
-def coca_zero2(assets, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("coca_zero2")
-    check(launch(tmp, "pretrain", _coca_args(assets, tmp / "out"), name="coca_zero2"))
-    return tmp / "out"
+def _streaming_args(assets, out):
+    """coca-tiny --streaming on 2 ranks (ZeRO-3: coca_resumed covers ZeRO-2), 6 steps, checkpoint-3 mid-stream."""
+    return [*_coca_args(assets, out), "--streaming", "--shuffle_buffer", "4", "--max_steps", "6", "--save_steps", "3",
+            "--deepspeed", "zero3"]
 
 
 @pytest.fixture(scope="module")
-def coca_resumed(assets, tmp_path_factory):
+def first_launch(assets, tmp_path_factory) -> dict[str, Path]:
+    """The runs that start from nothing or from each other's output, in one launch (a launch costs 30-80 s of imports
+    and DeepSpeed start, each run a few seconds): coca_zero2, coca_caption, the streaming run, blip2 stage 1 ->
+    stage 2 -> LoRA. Each run has its own output folder (and datasets cache) under tmp/<name>/out."""
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForPretraining
+    from hf_vlm.presets import get_config
+
+    tmp = tmp_path_factory.mktemp("first_launch")
+    out = {name: tmp / name / "out" for name in ("coca_zero2", "coca_caption", "streaming", "blip2_stage1",
+                                                 "blip2_stage2", "blip2_lora_zero2")}
+    out["blip2_initial"] = tmp / "blip2_stage1" / "initial"
+    torch.manual_seed(0)
+    Blip2FlanT5ForPretraining(get_config("blip2-tiny")).save_pretrained(out["blip2_initial"])
+    runs = [
+        ("pretrain", _coca_args(assets, out["coca_zero2"])),
+        ("finetune", ["--recipe", "coca-tiny-caption", "--model", str(out["coca_zero2"]), "--deepspeed", "zero3",
+                      *_common(assets, out["coca_caption"], "--max_steps", "4", "--learning_rate", "1e-3")]),
+        ("pretrain", _streaming_args(assets, out["streaming"])),
+        ("pretrain", ["--recipe", "blip2-tiny-stage1", "--model", str(out["blip2_initial"]), "--deepspeed", "zero3",
+                      "--processor", str(assets / "bert_tokenizer"),
+                      *_common(assets, out["blip2_stage1"], "--max_steps", "6")]),
+        ("pretrain", ["--recipe", "blip2-tiny-stage2", "--init_qformer_from", str(out["blip2_stage1"]),
+                      "--deepspeed", "zero2", "--processor", str(assets / "t5_tokenizer"),
+                      *_common(assets, out["blip2_stage2"], "--max_steps", "6")]),
+        # blip2-tiny-caption --lora from blip2_stage2's output, ZeRO-2
+        ("finetune", ["--recipe", "blip2-tiny-caption", "--model", str(out["blip2_stage2"]), "--lora", "--lora_r", "4",
+                      "--deepspeed", "zero2",
+                      *_common(assets, out["blip2_lora_zero2"], "--max_steps", "4", "--learning_rate", "1e-3")]),
+    ]
+    check(launch(tmp, [{"entry": entry, "args": args} for entry, args in runs], name="first_launch"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def coca_zero2(first_launch):
+    return first_launch["coca_zero2"]
+
+
+@pytest.fixture(scope="module")
+def coca_resumed(assets, coca_zero2, tmp_path_factory):
+    """coca_zero2's run SIGKILLed at step 7, then resumed from checkpoint-6, each in a launch of its own: the resumed
+    run starts in fresh processes, as after a crash."""
     tmp = tmp_path_factory.mktemp("coca_resumed")
     out = tmp / "out"
     # 32 samples, 8 per step: 4 steps an epoch. checkpoint-6 is mid-epoch, with the recipe's random crop/flip/jitter.
-    killed = launch(tmp, "pretrain", _coca_args(assets, out), kill_at=7, name="killed")
+    killed = launch(tmp, [{"entry": "pretrain", "args": _coca_args(assets, out), "kill_at": 7}], name="killed")
     checkpoints_after_kill = sorted(p.name for p in out.glob("checkpoint-*"))
-    resumed = launch(tmp, "pretrain", [*_coca_args(assets, out), "--resume_from_checkpoint", str(out / "checkpoint-6")],
-                     name="resumed")
+    args = [*_coca_args(assets, out), "--resume_from_checkpoint", str(out / "checkpoint-6")]
+    resumed = launch(tmp, [{"entry": "pretrain", "args": args}], name="resumed")
     return out, killed, checkpoints_after_kill, resumed
 
 
 @pytest.fixture(scope="module")
-def coca_streaming(assets, tmp_path_factory):
-    """coca-tiny --streaming on 2 ranks (ZeRO-3: coca_resumed covers ZeRO-2), 6 steps; then a second run resumed
-    from a copy of its checkpoint-3."""
+def coca_streaming(assets, first_launch, tmp_path_factory):
+    """first_launch's streaming run (6 steps), and a second run resumed from a copy of its checkpoint-3 in a launch
+    of its own (fresh processes)."""
     import shutil
 
     tmp = tmp_path_factory.mktemp("coca_streaming")
-    stream = ["--streaming", "--shuffle_buffer", "4", "--max_steps", "6", "--save_steps", "3", "--deepspeed", "zero3"]
-    check(launch(tmp, "pretrain", [*_coca_args(assets, tmp / "full"), *stream], name="streaming"))
-    shutil.copytree(tmp / "full" / "checkpoint-3", tmp / "resumed" / "checkpoint-3")
-    check(launch(tmp, "pretrain", [*_coca_args(assets, tmp / "resumed"), *stream, "--resume_from_checkpoint", "last"],
-                 name="streaming_resumed"))
-    return tmp / "full", tmp / "resumed"
+    full = first_launch["streaming"]
+    shutil.copytree(full / "checkpoint-3", tmp / "resumed" / "checkpoint-3")
+    args = [*_streaming_args(assets, tmp / "resumed"), "--resume_from_checkpoint", "last"]
+    check(launch(tmp, [{"entry": "pretrain", "args": args}], name="streaming_resumed"))
+    return full, tmp / "resumed"
 
 
 @pytest.fixture(scope="module")
-def blip2_stage1(assets, tmp_path_factory):
-    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5ForPretraining
-    from hf_vlm.presets import get_config
-
-    tmp = tmp_path_factory.mktemp("blip2_stage1")
-    torch.manual_seed(0)
-    Blip2FlanT5ForPretraining(get_config("blip2-tiny")).save_pretrained(tmp / "initial")
-    args = ["--recipe", "blip2-tiny-stage1", "--model", str(tmp / "initial"), "--deepspeed", "zero3",
-            "--processor", str(assets / "bert_tokenizer"), *_common(assets, tmp / "out", "--max_steps", "6")]
-    check(launch(tmp, "pretrain", args, name="blip2_stage1"))
-    return tmp / "initial", tmp / "out"
+def blip2_stage1(first_launch):
+    return first_launch["blip2_initial"], first_launch["blip2_stage1"]
 
 
 @pytest.fixture(scope="module")
-def blip2_stage2(assets, blip2_stage1, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("blip2_stage2")
-    args = ["--recipe", "blip2-tiny-stage2", "--init_qformer_from", str(blip2_stage1[1]), "--deepspeed", "zero2",
-            "--processor", str(assets / "t5_tokenizer"), *_common(assets, tmp / "out", "--max_steps", "6")]
-    check(launch(tmp, "pretrain", args, name="blip2_stage2"))
-    return tmp / "out"
+def blip2_stage2(first_launch):
+    return first_launch["blip2_stage2"]
 
 
 @pytest.fixture(scope="module")
-def coca_caption(assets, coca_zero2, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("coca_caption")
-    args = ["--recipe", "coca-tiny-caption", "--model", str(coca_zero2), "--deepspeed", "zero3",
-            *_common(assets, tmp / "out", "--max_steps", "4", "--learning_rate", "1e-3")]
-    check(launch(tmp, "finetune", args, name="coca_caption"))
-    return tmp / "out"
+def coca_caption(first_launch):
+    return first_launch["coca_caption"]
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -422,13 +462,9 @@ def test_finetune_coca_caption_zero3_loads_and_trains_caption_loss_only(coca_zer
 
 
 @pytest.fixture(scope="module")
-def blip2_lora_zero2(assets, blip2_stage2, tmp_path_factory):
+def blip2_lora_zero2(first_launch):
     """finetune.py blip2-tiny-caption --lora from blip2_stage2's output, ZeRO-2."""
-    tmp = tmp_path_factory.mktemp("blip2_lora_zero2")
-    args = ["--recipe", "blip2-tiny-caption", "--model", str(blip2_stage2), "--lora", "--lora_r", "4",
-            "--deepspeed", "zero2", *_common(assets, tmp / "out", "--max_steps", "4", "--learning_rate", "1e-3")]
-    check(launch(tmp, "finetune", args, name="blip2_lora_zero2"))
-    return tmp / "out"
+    return first_launch["blip2_lora_zero2"]
 
 
 def test_lora_under_zero2_trains_every_adapter_saves_the_adapter_and_reloads(blip2_stage2, blip2_lora_zero2):
