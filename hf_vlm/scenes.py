@@ -313,6 +313,24 @@ def scenes_iterable_dataset(split: str = "train", num_samples: int = 1000, *, se
     )
 
 
+def with_subject_captions(rows: Iterable[dict], fraction: float, *, seed: int = 0) -> Iterator[dict]:
+    """Rows where a `fraction` of the multi-object scenes are captioned by their main object alone ("a large red
+    circle"), chosen by scene seed; the scene's full caption stays under "full_caption".
+
+    Web alt-texts vary in detail: many name only the subject. Scene captions never do, so a contrastive model
+    trained on them embeds "a large red circle" as the caption of one-object scenes only, and zero-shot prompts
+    miss the main object of every other scene. Captioning still learns the full caption (it follows with
+    probability 1 - fraction after the main object) and the evaluation references stay the full captions."""
+    if not 0.0 <= fraction < 0.5:
+        raise ValueError(f"fraction must be in [0, 0.5) so that the full caption stays the likelier one, got {fraction}")
+    for row in rows:
+        if len(row["objects"]) > 1 and random.Random(f"{seed}-{row['seed']}").random() < fraction:
+            main = row["objects"][0]
+            row = {**row, "caption": f"a {main['size']} {main['color']} {main['shape']}",
+                   "full_caption": row["caption"]}
+        yield row
+
+
 def vqa_rows(rows: Iterable[dict]) -> Iterator[dict]:
     """One row per question: image, question, answers (a one-element list, VQAv2's layout), question_type,
     seed. The layout VQA fine-tuning and `hf_vlm.data` (task "vqa") read."""
