@@ -62,8 +62,8 @@ def _tensors(folder: Path, prefix: str = "") -> dict:
 
 
 def _unchanged(before: dict, after: dict) -> bool:
-    """Every tensor of `before` is in `after`, bit for bit. (The T5 run ties its lm_head to the embeddings and
-    saves it once; BLIP-2 keeps it as its own tensor, so the T5's keys are a subset of BLIP-2's.)"""
+    """Every tensor of `before` is in `after`, bit for bit (BLIP-2 saves tensors the T5 run does not: the Q-Former,
+    the ViT, the embeddings' tied copies)."""
     import torch
 
     return all(key in after and torch.equal(tensor, after[key]) for key, tensor in before.items())
@@ -95,7 +95,7 @@ def test_quick_demo_builds_blip2_on_frozen_pretrained_towers(tmp_path, monkeypat
     # BLIP-2's method: the CoCa ViT and the pretrained T5 stay bit-identical through stage 1 and stage 2 ...
     coca_vit = _tensors(runs / "coca", demo.COCA_TRUNK_PREFIX)
     t5 = _tensors(runs / "t5")
-    t5.setdefault("lm_head.weight", t5["shared.weight"])
+    assert "lm_head.weight" in t5  # FlanT5's own head (demo_lm.flan_t5), frozen with the rest
     assert _unchanged(coca_vit, _tensors(runs / "blip2-stage1", "vision_model."))
     assert _unchanged(coca_vit, _tensors(runs / "blip2-stage2", "vision_model."))
     assert _unchanged(t5, _tensors(runs / "blip2-stage2", "language_model."))
@@ -225,3 +225,101 @@ def test_coca_vit_becomes_blip2_image_encoder_weight_for_weight(tmp_path):
     deeper = Blip2FlanT5Config(**{**tiny, "vision_config": {**vision, "num_hidden_layers": 3}})
     with pytest.raises(ValueError, match=r"blocks\.2\."):
         demo.blip2_with_coca_vision(tmp_path / "coca", deeper)
+
+
+def test_some_multi_object_training_scenes_are_captioned_by_their_main_object_only(tmp_path):
+    """CoCa's zero-shot prompt "a large red circle" must meet that text on scenes with other objects too; the
+    captioning data keeps the full caption the likelier one, and the T5's corpus and the eval keep full captions."""
+    rows = list(scenes.generate_scenes("train", 400))
+    varied = list(scenes.with_subject_captions(iter(rows), 0.25))
+    assert varied == list(scenes.with_subject_captions(iter(rows), 0.25))  # chosen by scene seed
+    changed = [(r, v) for r, v in zip(rows, varied) if v["caption"] != r["caption"]]
+    multi = [r for r in rows if len(r["objects"]) > 1]
+    assert 0.15 * len(multi) < len(changed) < 0.35 * len(multi)
+    for row, new in changed:
+        main = row["objects"][0]
+        assert len(row["objects"]) > 1 and new["full_caption"] == row["caption"]
+        assert new["caption"] == scenes.ZERO_SHOT_TEMPLATE.format(f"{main['color']} {main['shape']}")
+        assert row["caption"].startswith(new["caption"] + " ")
+    assert list(scenes.with_subject_captions(iter(rows), 0.0)) == rows
+    with pytest.raises(ValueError, match="fraction"):
+        next(scenes.with_subject_captions(iter(rows), 0.5))
+
+    plan = demo.DemoPlan(caption_scenes=200, vqa_scenes=2)
+    paths = demo.prepare_data(plan, tmp_path)
+    import tarfile
+
+    shard_captions = [tar.extractfile(m).read().decode() for shard in sorted(paths["captions"].glob("*.tar"))
+                      for tar in [tarfile.open(shard)] for m in tar.getmembers() if m.name.endswith(".txt")]
+    expected = [r["caption"] for r in scenes.with_subject_captions(scenes.generate_scenes("train", 200), 0.25)]
+    assert shard_captions == expected and shard_captions != [r["caption"] for r in rows[:200]]
+    corpus = [json.loads(line)["caption"] for line in paths["text"].read_text().splitlines()]
+    assert corpus[:200] == [r["caption"] for r in rows[:200]]
+    assert demo.prepare_data(demo.DemoPlan(caption_scenes=200, vqa_scenes=2, subject_caption_fraction=0.0),
+                             tmp_path) == paths
+    assert [m for m in tarfile.open(sorted(paths["captions"].glob("*.tar"))[0]).getnames() if m.endswith(".txt")]
+    assert (tmp_path / "demo_plan.json").read_text().count('"subject_caption_fraction": 0.0') == 1
+
+
+def test_the_demo_t5_has_flan_t5s_own_head_and_position_biases_that_differ(tmp_path):
+    """transformers 5.23 builds T5 from a config with its head tied to the embeddings; the demo's FlanT5 stand-in
+    keeps its own head through save and load, and starts with relative-position biases large enough to use."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from hf_vlm import demo_lm
+    from hf_vlm.modeling.blip2_flant5 import Blip2FlanT5Config, Blip2FlanT5ForConditionalGeneration
+    from hf_vlm.presets import preset_dict
+
+    class Tokenizer:
+        pad_token_id, eos_token_id = 0, 1
+
+        def __len__(self):
+            return 64
+
+    torch.manual_seed(0)
+    config = demo_lm.t5_config(Tokenizer(), demo_lm.TextLMArguments(text_corpus="", processor="", d_model=32))
+    model = demo_lm.flan_t5(config)
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert 1.5 < bias.std().item() < 2.5
+    model.save_pretrained(tmp_path / "t5")
+    reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5")
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    assert not torch.equal(reloaded.lm_head.weight, reloaded.shared.weight)
+    # BLIP-2 reads it as FlanT5: its own, unscaled head (what `--language_model` of stage 2 relies on).
+    tiny = {k: v for k, v in preset_dict("blip2-tiny").items() if k != "model_type"}
+    blip2_config = Blip2FlanT5Config(**{**tiny, "text_config": reloaded.config.to_dict()})
+    assert not blip2_config.lm_head_is_tied
+    blip2 = Blip2FlanT5ForConditionalGeneration(blip2_config)
+    assert blip2.language_model.lm_head.weight.data_ptr() != blip2.language_model.shared.weight.data_ptr()
+
+
+def test_runs_side_by_side_share_the_cores_and_a_run_alone_gets_them_all(monkeypatch, tmp_path):
+    """CoCa and the T5 start together with a thread each; stage 1 shares the cores with the T5 still running;
+    stage 2 and the VQA fine-tune run alone with every core. Each run starts only after the runs it needs."""
+    import threading
+
+    t5_started, t5_may_finish = threading.Event(), threading.Event()
+    started, threads_seen = [], {}
+
+    def fake_train(run, plan, runs_dir, data, processors, *, position=0, threads=1):
+        started.append(run.name)
+        threads_seen[run.name] = threads
+        if run.name == "coca":
+            t5_started.wait(timeout=30)  # CoCa trains while the T5 starts
+        if run.name == "t5":
+            t5_started.set()
+            t5_may_finish.wait(timeout=30)  # still training while CoCa and stage 1 finish
+        if run.name == "blip2-stage1":
+            t5_may_finish.set()
+        return runs_dir / run.name
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    plan = demo.DemoPlan()
+    outputs = demo.train_all(plan, tmp_path, {}, {})
+    assert set(outputs) == {run.name for run in plan.runs}
+    assert threads_seen == {"coca": 1, "t5": 1, "blip2-stage1": 1, "blip2-stage2": 2, "blip2": 2}
+    for run in plan.runs:
+        assert all(started.index(need) < started.index(run.name) for need in run.needs), started
