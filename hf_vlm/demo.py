@@ -388,6 +388,15 @@ def train(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], 
     return output
 
 
+def _core_budget() -> int:
+    """The cores the demo's runs may share: OMP_NUM_THREADS when the caller set it (pytest-xdist workers set 1 each,
+    so a test's demo never spins threads on the other worker's core), else every CPU."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return os.cpu_count() or 1
+
+
 def train_all(plan: DemoPlan, runs_dir: Path, data: dict[str, Path], processors: dict[str, Path]) -> dict:
     """Every run in its own thread, started when the runs it needs are done: CoCa and the T5 side by side, one
     core each, then the BLIP-2 chain (stage 1 -> stage 2 -> VQA)."""
@@ -409,7 +418,7 @@ def train_all(plan: DemoPlan, runs_dir: Path, data: dict[str, Path], processors:
         # VQA fine-tune, alone on the critical path, get them all (1.4x faster on 2 cores than one thread).
         can_run = [r for r in plan.runs if r is run or (
             r.name in futures and not futures[r.name].done() and all(futures[n].done() for n in r.needs))]
-        threads = max(1, (os.cpu_count() or 1) // len(can_run))
+        threads = max(1, _core_budget() // len(can_run))
         return train(run, plan, runs_dir, data, processors, position=position, threads=threads)
 
     with ThreadPoolExecutor(len(plan.runs)) as pool:

@@ -317,9 +317,16 @@ def test_runs_side_by_side_share_the_cores_and_a_run_alone_gets_them_all(monkeyp
 
     monkeypatch.setattr(demo, "train", fake_train)
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     plan = demo.DemoPlan()
     outputs = demo.train_all(plan, tmp_path, {}, {})
     assert set(outputs) == {run.name for run in plan.runs}
     assert threads_seen == {"coca": 1, "t5": 1, "blip2-stage1": 1, "blip2-stage2": 2, "blip2": 2}
     for run in plan.runs:
         assert all(started.index(need) < started.index(run.name) for need in run.needs), started
+
+    # A caller's OMP_NUM_THREADS is the budget (an xdist worker's one core): no run spins a second thread.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    started.clear(), threads_seen.clear(), t5_started.clear(), t5_may_finish.clear()
+    demo.train_all(plan, tmp_path, {}, {})
+    assert set(threads_seen.values()) == {1} and len(threads_seen) == len(plan.runs)
