@@ -91,6 +91,11 @@ def test_quick_demo_builds_blip2_on_frozen_pretrained_towers(tmp_path, monkeypat
         assert "model-index:" in card and "| task | dataset | split | metric | value |" in card
     report = json.loads((demo_dir / "demo_results.json").read_text())
     assert len(report["targets"]) == len(demo.TARGETS)
+    # The frozen T5's answers from the true captions, per question type (BLIP-2's ceiling): a 100-step T5 already
+    # counts the objects named in a caption better than chance (1/3).
+    reading = report["language_model_reading"]
+    assert set(reading) == {"accuracy", *scenes.QUESTION_TYPES} and all(0 <= v <= 1 for v in reading.values())
+    assert reading["count"] > 0.5, reading
 
     # BLIP-2's method: the CoCa ViT and the pretrained T5 stay bit-identical through stage 1 and stage 2 ...
     coca_vit = _tensors(runs / "coca", demo.COCA_TRUNK_PREFIX)
