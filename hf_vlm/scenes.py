@@ -325,9 +325,7 @@ def with_subject_captions(rows: Iterable[dict], fraction: float, *, seed: int = 
         raise ValueError(f"fraction must be in [0, 0.5) so that the full caption stays the likelier one, got {fraction}")
     for row in rows:
         if len(row["objects"]) > 1 and random.Random(f"{seed}-{row['seed']}").random() < fraction:
-            main = row["objects"][0]
-            row = {**row, "caption": f"a {main['size']} {main['color']} {main['shape']}",
-                   "full_caption": row["caption"]}
+            row = {**row, "caption": f"a {SceneObject(**row['objects'][0]).name}", "full_caption": row["caption"]}
         yield row
 
 
