@@ -114,11 +114,10 @@ def flan_t5(config):
 def reading_accuracy(model_dir, num_scenes: int = 100, image_size: int = 32, batch_size: int = 64) -> dict[str, float]:
     """How well a trained T5 answers held-out scenes' questions from their true caption, per question type: the
     ceiling of a BLIP-2 whose frozen T5 reads the Q-Former's queries where the caption is here."""
-    from collections import Counter
-
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     from hf_vlm import scenes
+    from hf_vlm.evaluation.vqa import vqa_metrics
 
     model = T5ForConditionalGeneration.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -126,16 +125,14 @@ def reading_accuracy(model_dir, num_scenes: int = 100, image_size: int = 32, bat
     pairs = [(f"{scene.caption} {VQA_PROMPT.format(q)}", a, kind)
              for i in range(num_scenes) for scene in [scenes.sample_scene(scenes.scene_seed("test", i), config)]
              for q, a, kind in scene.questions()]
-    hits, totals = Counter(), Counter()
+    predictions = []
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        inputs = tokenizer([p[0] for p in chunk], padding=True, return_tensors="pt")
+        inputs = tokenizer([p[0] for p in pairs[start:start + batch_size]], padding=True, return_tensors="pt")
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=8)
-        for (_, answer, kind), prediction in zip(chunk, tokenizer.batch_decode(output, skip_special_tokens=True)):
-            totals[kind] += 1
-            hits[kind] += prediction.strip() == answer
-    return {"accuracy": sum(hits.values()) / sum(totals.values()), **{kind: hits[kind] / totals[kind] for kind in totals}}
+            predictions += tokenizer.batch_decode(model.generate(**inputs, max_new_tokens=8), skip_special_tokens=True)
+    # Scored as `hf-vlm eval` scores BLIP-2's answers, so the two compare.
+    metrics = vqa_metrics(predictions, [[a] for _, a, _ in pairs], [kind for _, _, kind in pairs])
+    return {"accuracy": metrics.pop("vqa_accuracy"), **{k.removeprefix("vqa_accuracy/"): v for k, v in metrics.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
