@@ -36,7 +36,7 @@ GENERIC_TIMM_VIT = "vit_base_patch16_clip_224"
 # open_clip options our CoCa does not implement, with the value that means "off". A config that turns
 # one on is refused (naming the option) rather than converted into a model that computes something else.
 UNSUPPORTED = {
-    "vision_cfg": {"ls_init_value": None, "no_ln_pre": False, "pos_embed_type": "learnable", "timm_model_name": None,
+    "vision_cfg": {"ls_init_value": None, "no_ln_pre": False, "timm_model_name": None,
                    "final_ln_after_pool": False, "block_type": None, "qk_norm": False, "scaled_cosine_attn": False,
                    "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
                    "act_kwargs": None, "norm_kwargs": None},
@@ -93,6 +93,8 @@ def _read_config_file(path: Path) -> tuple[dict, dict]:
 
 
 def _check_supported(model_cfg: dict) -> None:
+    from hf_vlm.modeling.coca.configuration_coca import POS_EMBED_TYPES
+
     problems = []
     for section, options in UNSUPPORTED.items():
         cfg = model_cfg if section == "model" else model_cfg.get(section, {})
@@ -102,6 +104,8 @@ def _check_supported(model_cfg: dict) -> None:
                 where = option if section == "model" else f"{section}.{option}"
                 problems.append(f"{where}={value!r} (supported: {off!r})")
     vision = model_cfg.get("vision_cfg", {})
+    if vision.get("pos_embed_type", "learnable") not in POS_EMBED_TYPES:
+        problems.append(f"vision_cfg.pos_embed_type={vision['pos_embed_type']!r} (supported: {POS_EMBED_TYPES})")
     if model_cfg.get("text_cfg", {}).get("embed_cls") is not True:
         problems.append("text_cfg.embed_cls is not true (CoCa's text embedding is its CLS token)")
     if vision.get("attentional_pool") is not True:
@@ -155,6 +159,7 @@ def coca_config_from_open_clip(model_cfg: dict, *, pad_token_id: int, bos_token_
             "num_pooler_queries": vision.get("attn_pooler_queries", 256),
             "pooler_num_attention_heads": vision.get("attn_pooler_heads", 8),
             "separate_contrastive_query": False,  # open_clip: query 0 is the contrastive embedding
+            "pos_embed_type": vision.get("pos_embed_type", "learnable"),  # sin_cos_2d: the checkpoint holds its values
         },
         text_config={
             "vocab_size": vocab_size, "hidden_size": text_width,

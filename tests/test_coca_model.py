@@ -196,6 +196,31 @@ def test_every_parameter_is_initialized():
     assert abs(out_proj.std().item() - 0.0625) < 0.005
     assert abs(model.lm_head.weight.std().item() - 0.125) < 0.01
     torch.testing.assert_close(model.logit_scale, torch.tensor(model.config.logit_scale_init_value))
+    # the trunk's class token and position embedding as open_clip's ViT draws them: N(0, width**-0.5), not timm's
+    # 0.02 / 1e-6 (width 64: 0.125)
+    trunk = model.vision_model.trunk
+    assert abs(trunk.pos_embed.std().item() - 0.125) < 0.01 and abs(trunk.cls_token.std().item() - 0.125) < 0.04
+
+
+def test_sin_cos_2d_position_embedding_is_open_clips_and_stays_fixed(tmp_path):
+    """vision_config.pos_embed_type="sin_cos_2d": open_clip's fixed 2-D sine-cosine embedding (MAE's), which no
+    training step changes, also after save / from_pretrained (loading replaces the parameter)."""
+    from open_clip.pos_embed import get_2d_sincos_pos_embed
+
+    model = CocaModel(get_config("coca-tiny")).train()
+    model.config.vision_config.pos_embed_type = "sin_cos_2d"
+    model = CocaModel(model.config).train()
+    expected = torch.from_numpy(get_2d_sincos_pos_embed(64, 4, cls_token=True)).float()[None]
+    torch.testing.assert_close(model.vision_model.trunk.pos_embed, expected, rtol=0, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    reloaded = CocaModel.from_pretrained(tmp_path).train()
+    pixel_values, input_ids, attention_mask = batch()
+    reloaded(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True).loss.backward()
+    trunk = reloaded.vision_model.trunk
+    assert not trunk.pos_embed.requires_grad and trunk.pos_embed.grad is None and trunk.cls_token.grad is not None
+    torch.testing.assert_close(trunk.pos_embed, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="pos_embed_type='sincos'"):
+        get_config("coca-tiny", vision_config={**model.config.vision_config.to_dict(), "pos_embed_type": "sincos"})
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -235,6 +235,36 @@ def test_shape_mismatch_between_weights_and_config_names_key_and_shapes(tiny, tm
                 model_config=str(tmp_path / "wrong.json"), progress=False)
 
 
+def test_sin_cos_2d_position_embedding_converts_fixed_and_matches_open_clip(tmp_path):
+    """open_clip's `pos_embed_type="sin_cos_2d"` (fixed coordinates, no gradient) converts to our option of that
+    name: the same embedding, outputs within ATOL, and still fixed after loading."""
+    from safetensors.torch import save_file
+
+    from hf_vlm.conversion.open_clip_coca import convert
+    from hf_vlm.modeling.coca import CocaModel
+
+    folder = tmp_path / "open_clip"
+    folder.mkdir()
+    model_cfg = {**TINY_OPEN_CLIP_CONFIG, "vision_cfg": {**TINY_OPEN_CLIP_CONFIG["vision_cfg"], "pos_embed_type": "sin_cos_2d"}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    reference = open_clip.create_model(f"local-dir:{folder}")
+    sin_cos = reference.visual.positional_embedding.detach().clone()
+    assert not reference.visual.positional_embedding.requires_grad
+    randomize_(reference, seed=4)
+    with torch.no_grad():
+        reference.visual.positional_embedding.copy_(sin_cos)  # the fixed values, as open_clip trains and saves them
+    save_file(reference.state_dict(), str(folder / "open_clip_model.safetensors"))
+    convert(folder, tmp_path / "converted", progress=False)
+
+    converted = CocaModel.from_pretrained(tmp_path / "converted").eval()
+    assert converted.config.vision_config.pos_embed_type == "sin_cos_2d"
+    pos_embed = converted.vision_model.trunk.pos_embed
+    assert not pos_embed.requires_grad and torch.equal(pos_embed[0], sin_cos)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    texts = open_clip.get_tokenizer("coca_ViT-B-32", context_length=16)(CAPTIONS[:2])
+    assert_parity(parity(reference, converted, images, texts))
+
+
 # --------------------------------------------------------------------------------------------------
 # full-size architectures
 

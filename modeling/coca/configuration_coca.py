@@ -20,6 +20,9 @@ import math
 
 from transformers import PreTrainedConfig
 
+# vision_config.pos_embed_type, as open_clip names them
+POS_EMBED_TYPES = ("learnable", "sin_cos_2d")
+
 
 class CocaVisionConfig(PreTrainedConfig):
     r"""The image tower: a timm trunk built with `pretrained=False`, then CoCa's attentional pooler.
@@ -35,6 +38,9 @@ class CocaVisionConfig(PreTrainedConfig):
         1.. are the decoder's image tokens; True: a separate one-query pooler gives the contrastive embedding
         and all `num_pooler_queries` outputs are image tokens.
     layer_norm_eps (`float`): eps of the pooler and post-pool LayerNorms.
+    pos_embed_type (`str`): the trunk's position embedding, as open_clip's `vision_cfg.pos_embed_type`:
+        "learnable" (initialized N(0, width**-0.5) with the class token, as open_clip's ViT) or "sin_cos_2d"
+        (fixed 2-D sine-cosine coordinates, as MAE; not trained).
     """
 
     model_type = "coca_vision_model"
@@ -48,8 +54,11 @@ class CocaVisionConfig(PreTrainedConfig):
     pooler_num_attention_heads: int = 8
     separate_contrastive_query: bool = False
     layer_norm_eps: float = 1e-5
+    pos_embed_type: str = "learnable"
 
     def __post_init__(self, **kwargs):
+        if self.pos_embed_type not in POS_EMBED_TYPES:
+            raise ValueError(f"vision_config.pos_embed_type={self.pos_embed_type!r}; expected one of {POS_EMBED_TYPES}")
         self.timm_model_args = dict(self.timm_model_args or {})
         for reserved in ("pretrained", "num_classes", "global_pool", "img_size"):
             if reserved in self.timm_model_args:

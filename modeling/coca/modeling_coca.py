@@ -320,6 +320,8 @@ class CocaVisionModel(nn.Module):
             config.timm_model_name, pretrained=False, num_classes=0, global_pool="", img_size=config.image_size,
             **config.timm_model_args,
         )
+        if config.pos_embed_type == "sin_cos_2d":
+            self.trunk.pos_embed.requires_grad_(False)  # fixed coordinates (filled by `_init_weights`)
         width = self.trunk.num_features
         self.attn_pool = CocaAttentionalPooler(config, hidden_size, width, config.num_pooler_queries)
         self.contrastive_pool = (
@@ -336,6 +338,25 @@ class CocaVisionModel(nn.Module):
             return pooled_queries[:, 0], pooled_queries[:, 1:], hidden_states, attentions
         pooled = self.post_layernorm(self.contrastive_pool(trunk_tokens))[:, 0]
         return pooled, pooled_queries, hidden_states, attentions
+
+
+def sin_cos_2d_position_embedding(width: int, num_positions: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """`(1, num_positions, width)`: MAE's fixed 2-D sine-cosine embedding of a square patch grid (open_clip's
+    `get_2d_sincos_pos_embed`), zeros for the prefix (class) tokens. Half the channels encode the column, half the
+    row, each as sin/cos at `width / 4` frequencies from 1 to 1/10000."""
+    grid = round((num_positions - num_prefix_tokens) ** 0.5)
+    if grid * grid != num_positions - num_prefix_tokens or width % 4:
+        raise ValueError(f"sin_cos_2d needs a square patch grid and a width divisible by 4, got {num_positions} "
+                         f"positions ({num_prefix_tokens} prefix) and width {width}")
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
+    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                   indexing="ij")
+    parts = []
+    for coordinate in (columns, rows):  # open_clip/MAE order: the width (x) coordinate first
+        angles = coordinate.reshape(-1, 1) * frequencies
+        parts += [angles.sin(), angles.cos()]
+    patches = torch.cat(parts, dim=1)
+    return torch.cat([torch.zeros(num_prefix_tokens, width, dtype=torch.float64), patches]).float()[None]
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -521,21 +542,31 @@ class CocaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CocaAttentionalPooler):
             init.normal_(module.query, std=module.query.shape[-1] ** -0.5)
         elif hasattr(self, "vision_model") and module is self.vision_model.trunk:
-            # the trunk's own parameters (class token, position embedding), as timm initializes them
+            # The trunk's own parameters (class token, position embedding) as open_clip's ViT initializes them,
+            # N(0, width**-0.5), not timm's 0.02: at small widths timm's leaves position a faint signal next to
+            # the patch embedding (demo: a CoCa trained 1,200 steps named the side an object is on by chance).
             for name, param in module.named_parameters(recurse=False):
-                init.normal_(param, std=1e-6 if "token" in name else 0.02)
+                if name == "pos_embed" and self.config.vision_config.pos_embed_type == "sin_cos_2d":
+                    init.copy_(param, sin_cos_2d_position_embedding(param.shape[-1], param.shape[1], module.num_prefix_tokens))
+                else:
+                    init.normal_(param, std=param.shape[-1] ** -0.5)
         elif isinstance(module, CocaModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         try:
-            return super().from_pretrained(*args, **kwargs)
+            loaded = super().from_pretrained(*args, **kwargs)
         except Exception as err:
             named = _name_unreadable_weights(err, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
             if named is err:
                 raise
             raise named from err
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        vision = getattr(model, "vision_model", None)
+        if vision is not None and model.config.vision_config.pos_embed_type == "sin_cos_2d":
+            vision.trunk.pos_embed.requires_grad_(False)  # loading replaced the parameter, and its requires_grad
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `register_for_auto_class` maps one Auto class; CoCa also serves these two pipelines' Auto classes.
