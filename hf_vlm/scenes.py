@@ -329,11 +329,23 @@ def with_subject_captions(rows: Iterable[dict], fraction: float, *, seed: int = 
         yield row
 
 
-def vqa_rows(rows: Iterable[dict]) -> Iterator[dict]:
+def vqa_rows(rows: Iterable[dict], *, per_type: int | None = None, seed: int = 0) -> Iterator[dict]:
     """One row per question: image, question, answers (a one-element list, VQAv2's layout), question_type,
-    seed. The layout VQA fine-tuning and `hf_vlm.data` (task "vqa") read."""
+    seed. The layout VQA fine-tuning and `hf_vlm.data` (task "vqa") read.
+
+    `per_type`: at most that many questions of each type per scene, drawn by scene seed (None: all). A scene asks
+    one count and at most one position question but a colour and a shape question per object; one of each type
+    gives every type the same share of a scene's questions."""
     for row in rows:
-        for question, answer, kind in zip(row["questions"], row["answers"], row["question_types"]):
+        qa = list(zip(row["questions"], row["answers"], row["question_types"]))
+        if per_type is not None:
+            rng = random.Random(f"{seed}-{row['seed']}-questions")
+            kept = set()
+            for kind in dict.fromkeys(row["question_types"]):
+                of_kind = [i for i, (_, _, t) in enumerate(qa) if t == kind]
+                kept.update(rng.sample(of_kind, min(per_type, len(of_kind))))
+            qa = [pair for i, pair in enumerate(qa) if i in kept]
+        for question, answer, kind in qa:
             yield {"image": row["image"], "question": question, "answers": [answer], "question_type": kind,
                    "seed": row["seed"]}
 

@@ -233,6 +233,30 @@ def test_datasets_expose_the_same_rows_with_class_labels_and_prompts():
     assert set(zero_shot_prompts()) <= captions
 
 
+def test_vqa_rows_can_keep_one_question_of_each_type_per_scene():
+    """per_type=1: every question type present in a scene is asked once (the colour and shape question about a
+    different object from scene to scene, "yes" and "no" both kept overall), the same ones on every call."""
+    from collections import Counter
+
+    rows = list(generate_scenes("train", 300))
+    kept = list(vqa_rows(rows, per_type=1))
+    by_scene = {}
+    for row in kept:
+        by_scene.setdefault(row["seed"], []).append(row["question_type"])
+    for row in rows:
+        assert sorted(by_scene[row["seed"]]) == sorted(set(row["question_types"])), row["seed"]
+    pairs = {(r["question"], r["answers"][0]) for r in kept}
+    assert pairs <= {(q, a) for r in rows for q, a in zip(r["questions"], r["answers"])}
+    kinds = Counter(r["question_type"] for r in kept)
+    assert kinds["color"] == kinds["shape"] == kinds["count"] == kinds["yes/no"] == 300 and 0 < kinds["position"] < 300
+    answers = Counter(r["answers"][0] for r in kept if r["question_type"] == "yes/no")
+    assert min(answers["yes"], answers["no"]) > 100, answers
+    small = sum(1 for r in kept if r["question_type"] == "color" and r["question"].split()[-1][:-1] !=
+                next(row for row in rows if row["seed"] == r["seed"])["objects"][0]["shape"])
+    assert small > 50  # not always the main object
+    assert [(r["seed"], r["question"]) for r in vqa_rows(rows, per_type=1)] == [(r["seed"], r["question"]) for r in kept]
+
+
 def test_webdataset_shards_read_back(tmp_path):
     rows = list(generate_scenes("train", 7))
     shards = export_webdataset(rows, tmp_path / "wds", samples_per_shard=3)
