@@ -99,6 +99,12 @@ def test_quick_demo_builds_blip2_on_frozen_pretrained_towers(tmp_path, monkeypat
 
     # BLIP-2's method: the CoCa ViT and the pretrained T5 stay bit-identical through stage 1 and stage 2 ...
     coca_vit = _tensors(runs / "coca", demo.COCA_TRUNK_PREFIX)
+    # (the CoCa ViT's position embedding is fixed sine-cosine coordinates, DemoPlan.coca_vision: CoCa trained the
+    # class token, not them)
+    coca_init = _tensors(runs / "coca-init", demo.COCA_TRUNK_PREFIX)
+    assert json.loads((runs / "coca" / "config.json").read_text())["vision_config"]["pos_embed_type"] == "sin_cos_2d"
+    assert _unchanged({"pos_embed": coca_init["pos_embed"]}, coca_vit)
+    assert not _unchanged({"cls_token": coca_init["cls_token"]}, coca_vit)
     t5 = _tensors(runs / "t5")
     assert "lm_head.weight" in t5  # FlanT5's own head (demo_lm.flan_t5), frozen with the rest
     assert _unchanged(coca_vit, _tensors(runs / "blip2-stage1", "vision_model."))
