@@ -219,6 +219,10 @@ def test_sin_cos_2d_position_embedding_is_open_clips_and_stays_fixed(tmp_path):
     trunk = reloaded.vision_model.trunk
     assert not trunk.pos_embed.requires_grad and trunk.pos_embed.grad is None and trunk.cls_token.grad is not None
     torch.testing.assert_close(trunk.pos_embed, expected, rtol=0, atol=1e-6)
+    from hf_vlm.modeling.coca.modeling_coca import sin_cos_2d_position_embedding
+
+    with pytest.raises(ValueError, match=r"square patch grid .* grid \(4, 2\)"):
+        sin_cos_2d_position_embedding(64, (4, 2))
     with pytest.raises(ValueError, match="pos_embed_type='sincos'"):
         get_config("coca-tiny", vision_config={**model.config.vision_config.to_dict(), "pos_embed_type": "sincos"})
 

@@ -340,14 +340,14 @@ class CocaVisionModel(nn.Module):
         return pooled, pooled_queries, hidden_states, attentions
 
 
-def sin_cos_2d_position_embedding(width: int, num_positions: int, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """`(1, num_positions, width)`: MAE's fixed 2-D sine-cosine embedding of a square patch grid (open_clip's
-    `get_2d_sincos_pos_embed`), zeros for the prefix (class) tokens. Half the channels encode the column, half the
-    row, each as sin/cos at `width / 4` frequencies from 1 to 1/10000."""
-    grid = round((num_positions - num_prefix_tokens) ** 0.5)
-    if grid * grid != num_positions - num_prefix_tokens or width % 4:
-        raise ValueError(f"sin_cos_2d needs a square patch grid and a width divisible by 4, got {num_positions} "
-                         f"positions ({num_prefix_tokens} prefix) and width {width}")
+def sin_cos_2d_position_embedding(width: int, grid_size: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """`(1, num_prefix_tokens + patches, width)`: MAE's fixed 2-D sine-cosine embedding of a square patch grid
+    (open_clip's `get_2d_sincos_pos_embed`), zeros for the prefix (class) tokens. Half the channels encode the column,
+    half the row, each as sin/cos at `width / 4` frequencies from 1 to 1/10000."""
+    if grid_size[0] != grid_size[1] or width % 4:
+        raise ValueError(f"pos_embed_type='sin_cos_2d' needs a square patch grid and a width divisible by 4, got grid "
+                         f"{tuple(grid_size)} and width {width} (as open_clip)")
+    grid = grid_size[0]
     frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
     rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
                                    indexing="ij")
@@ -545,11 +545,14 @@ class CocaPreTrainedModel(PreTrainedModel):
             # The trunk's own parameters (class token, position embedding) as open_clip's ViT initializes them,
             # N(0, width**-0.5), not timm's 0.02: at small widths timm's leaves position a faint signal next to
             # the patch embedding (demo: a CoCa trained 1,200 steps named the side an object is on by chance).
+            # Sizes from the module, not the tensors (which ZeRO-3 partitions).
+            width = module.embed_dim
             for name, param in module.named_parameters(recurse=False):
                 if name == "pos_embed" and self.config.vision_config.pos_embed_type == "sin_cos_2d":
-                    init.copy_(param, sin_cos_2d_position_embedding(param.shape[-1], param.shape[1], module.num_prefix_tokens))
+                    init.copy_(param, sin_cos_2d_position_embedding(width, module.patch_embed.grid_size,
+                                                                    module.num_prefix_tokens))
                 else:
-                    init.normal_(param, std=param.shape[-1] ** -0.5)
+                    init.normal_(param, std=width**-0.5)
         elif isinstance(module, CocaModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
