@@ -474,6 +474,38 @@ def evaluate(checkpoints: dict[str, Path], plan: DemoPlan) -> dict[str, dict]:
     return results
 
 
+def question_sensitivity(checkpoint: str | Path, num_scenes: int = 100, image_size: int = 32) -> float:
+    """How much a question-aware BLIP-2's soft prompt depends on the question, relative to the image: over
+    three-object test scenes, the mean distance between the projected queries for "what color is the <first shape>?"
+    and "... <second shape>?" on the same image, divided by that between two images under the same question.
+    0 means the Q-Former ignores the question; the frozen language model then answers from one prompt per image."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from hf_vlm import scenes
+    from hf_vlm.data.collators import VQA_PROMPT
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    if not model.config.qformer_text_input:
+        raise ValueError(f"{checkpoint}: its Q-Former does not read the question (qformer_text_input=False)")
+    config = scenes.SceneConfig(image_size=image_size)
+    rows = [row for row in scenes.generate_scenes("test", num_scenes, config=config) if len(row["objects"]) == 3]
+    if len(rows) < 2:
+        raise ValueError(f"{num_scenes} test scenes hold fewer than two three-object scenes")
+    pixel_values = processor.image_processor([row["image"] for row in rows], return_tensors="pt")["pixel_values"]
+
+    def soft_prompt(pixels, question_index):
+        prompts = [VQA_PROMPT.format(row["questions"][question_index]) for row in rows]  # 0, 1: the first colours
+        with torch.no_grad():
+            return model.get_image_features(pixels, **processor.question_inputs(prompts)).pooler_output
+
+    asked = soft_prompt(pixel_values, 0)
+    other_question = (asked - soft_prompt(pixel_values, 1)).norm(dim=-1).mean()
+    other_image = (asked - soft_prompt(pixel_values.roll(1, dims=0), 0)).norm(dim=-1).mean()
+    return (other_question / other_image).item()
+
+
 def target_report(results: dict[str, dict]) -> list[str]:
     lines = []
     for (model, task, metric), target in TARGETS.items():
@@ -526,9 +558,11 @@ def run_demo(*, force: bool = False, serve: bool = True, quick: bool = False, ho
         from hf_vlm.demo_lm import reading_accuracy
 
         reading = reading_accuracy(root / "runs" / "t5", num_scenes=plan.test_scenes, image_size=plan.image_size)
+    sensitivity = question_sensitivity(checkpoints["blip2"], num_scenes=plan.test_scenes, image_size=plan.image_size)
     seconds = time.monotonic() - started
     (root / "demo_results.json").write_text(json.dumps(
-        {"results": results, "targets": report, "language_model_reading": reading, "seconds": round(seconds, 1),
+        {"results": results, "targets": report, "language_model_reading": reading,
+         "qformer_question_sensitivity": sensitivity, "seconds": round(seconds, 1),
          "load_average": os.getloadavg(), "plan": asdict(plan)}, indent=2, default=str) + "\n")
     page = write_demo_report(plan, root, results, report,
                              notes=f"{seconds:.0f} s on {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
@@ -539,6 +573,7 @@ def run_demo(*, force: bool = False, serve: bool = True, quick: bool = False, ho
     if reading:
         _log("the frozen T5 answers from the true caption (BLIP-2's ceiling): "
              + ", ".join(f"{kind} {value:.3f}" for kind, value in reading.items()))
+    _log(f"how much BLIP-2's soft prompt changes with the question, relative to the image: {sensitivity:.3f}")
     _log(f"report: {page}")
     if serve:
         from hf_vlm.space import create_demo, launch

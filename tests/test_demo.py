@@ -96,6 +96,9 @@ def test_quick_demo_builds_blip2_on_frozen_pretrained_towers(tmp_path, monkeypat
     reading = report["language_model_reading"]
     assert set(reading) == {"accuracy", *scenes.QUESTION_TYPES} and all(0 <= v <= 1 for v in reading.values())
     assert reading["count"] > 0.5, reading
+    # How much the question-aware Q-Former's soft prompt depends on the question (relative to the image): measured.
+    sensitivity = report["qformer_question_sensitivity"]
+    assert isinstance(sensitivity, float) and 0 < sensitivity < float("inf"), sensitivity
 
     # BLIP-2's method: the CoCa ViT and the pretrained T5 stay bit-identical through stage 1 and stage 2 ...
     coca_vit = _tensors(runs / "coca", demo.COCA_TRUNK_PREFIX)
