@@ -75,6 +75,12 @@ class StageRun:
         return "coca" if self.recipe.startswith("coca") else "blip2"
 
     @property
+    def builds_init(self) -> bool:
+        """Whether `train` builds the run's starting checkpoint, <name>-init: CoCa's from the preset with the demo's
+        vision settings, BLIP-2's from the runs it needs."""
+        return self.family == "coca" or bool(self.vision_from or self.qformer_text_from)
+
+    @property
     def needs(self) -> tuple[str, ...]:
         return tuple(n for n in (self.init, self.vision_from, self.init_qformer_from, self.language_model,
                                self.qformer_text_from) if n)
@@ -354,13 +360,11 @@ def _command(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path
         return [sys.executable, "-m", "hf_vlm.demo_lm", "--text_corpus", str(data["text"]),
                 "--processor", str(processors["blip2"]), *model, *common, "--warmup_steps", "0.05",
                 "--lr_scheduler_type", "cosine"]
-    # `train` builds <name>-init: CoCa's from the preset, BLIP-2's from the runs it needs
-    built_init = run.family == "coca" or run.vision_from or run.qformer_text_from
-    processor = runs_dir / f"{run.name}-init" if built_init else processors[run.family]
+    processor = runs_dir / f"{run.name}-init" if run.builds_init else processors[run.family]
     args = [sys.executable, "-m", f"hf_vlm.trainers.{run.script}", "--recipe", run.recipe,
             "--train_data", str(data[run.data]), "--processor", str(processor),
             "--augmentation", plan.augmentation, *common]
-    if built_init:
+    if run.builds_init:
         args += ["--model", str(runs_dir / f"{run.name}-init")]
     elif run.init:
         args += ["--model", str(runs_dir / run.init)]
@@ -381,7 +385,8 @@ def train(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], 
 
     output = runs_dir / run.name
     runs_dir.mkdir(parents=True, exist_ok=True)
-    # The towers BLIP-2 starts from are built from finished runs, here rather than in a trainer.
+    # Starting checkpoints (`StageRun.builds_init`) are built here rather than in a trainer: CoCa's from the preset,
+    # the towers BLIP-2 starts from from finished runs.
     if run.family == "coca":
         build_coca_init(plan, processors["coca"], runs_dir / f"{run.name}-init")
     if run.vision_from:

@@ -207,9 +207,9 @@ def test_sin_cos_2d_position_embedding_is_open_clips_and_stays_fixed(tmp_path):
     training step changes, also after save / from_pretrained (loading replaces the parameter)."""
     from open_clip.pos_embed import get_2d_sincos_pos_embed
 
-    model = CocaModel(get_config("coca-tiny")).train()
-    model.config.vision_config.pos_embed_type = "sin_cos_2d"
-    model = CocaModel(model.config).train()
+    config = get_config("coca-tiny")
+    config.vision_config.pos_embed_type = "sin_cos_2d"
+    model = CocaModel(config).train()
     expected = torch.from_numpy(get_2d_sincos_pos_embed(64, 4, cls_token=True)).float()[None]
     torch.testing.assert_close(model.vision_model.trunk.pos_embed, expected, rtol=0, atol=1e-6)
     model.save_pretrained(tmp_path)
@@ -224,7 +224,7 @@ def test_sin_cos_2d_position_embedding_is_open_clips_and_stays_fixed(tmp_path):
     with pytest.raises(ValueError, match=r"square patch grid .* grid \(4, 2\)"):
         sin_cos_2d_position_embedding(64, (4, 2))
     with pytest.raises(ValueError, match="pos_embed_type='sincos'"):
-        get_config("coca-tiny", vision_config={**model.config.vision_config.to_dict(), "pos_embed_type": "sincos"})
+        get_config("coca-tiny", vision_config={**config.vision_config.to_dict(), "pos_embed_type": "sincos"})
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
