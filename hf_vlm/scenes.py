@@ -329,13 +329,24 @@ def with_subject_captions(rows: Iterable[dict], fraction: float, *, seed: int = 
         yield row
 
 
-def vqa_rows(rows: Iterable[dict], *, per_type: int | None = None, seed: int = 0) -> Iterator[dict]:
+def vqa_rows(rows: Iterable[dict], *, per_type: int | None = None, type_weights: dict[str, float] | None = None,
+             seed: int = 0) -> Iterator[dict]:
     """One row per question: image, question, answers (a one-element list, VQAv2's layout), question_type,
     seed. The layout VQA fine-tuning and `hf_vlm.data` (task "vqa") read.
 
     `per_type`: at most that many questions of each type per scene, drawn by scene seed (None: all). A scene asks
     one count and at most one position question but a colour and a shape question per object; one of each type
-    gives every type the same share of a scene's questions."""
+    gives every type the same share of a scene's questions.
+
+    `type_weights`: how often each kept question of a type is asked, relative to once, as multi-task training weighs
+    its sources: 0.2 keeps a fifth of them (which ones, by scene seed), 2.0 asks each twice. Unnamed types: 1."""
+    weights = dict(type_weights or {})
+    unknown = set(weights) - set(QUESTION_TYPES)
+    if unknown:
+        raise ValueError(f"type_weights: unknown question type(s) {sorted(unknown)}; known: {list(QUESTION_TYPES)}")
+    negative = {kind: w for kind, w in weights.items() if not w >= 0}
+    if negative:
+        raise ValueError(f"type_weights must be >= 0, got {negative}")
     for row in rows:
         qa = list(zip(row["questions"], row["answers"], row["question_types"]))
         if per_type is not None:
@@ -346,8 +357,12 @@ def vqa_rows(rows: Iterable[dict], *, per_type: int | None = None, seed: int = 0
                 kept.update(rng.sample(of_kind, min(per_type, len(of_kind))))
             qa = [pair for i, pair in enumerate(qa) if i in kept]
         for question, answer, kind in qa:
-            yield {"image": row["image"], "question": question, "answers": [answer], "question_type": kind,
-                   "seed": row["seed"]}
+            weight = weights.get(kind, 1.0)
+            # whole copies, plus one more with the fractional part's probability
+            copies = int(weight) + (random.Random(f"{seed}-{row['seed']}-{question}").random() < weight - int(weight))
+            for _ in range(copies):
+                yield {"image": row["image"], "question": question, "answers": [answer], "question_type": kind,
+                       "seed": row["seed"]}
 
 
 def scenes_vqa_dataset(split: str = "train", num_samples: int = 1000, *, seed: int = 0,

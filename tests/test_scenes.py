@@ -257,6 +257,27 @@ def test_vqa_rows_can_keep_one_question_of_each_type_per_scene():
     assert [(r["seed"], r["question"]) for r in vqa_rows(rows, per_type=1)] == [(r["seed"], r["question"]) for r in kept]
 
 
+def test_vqa_rows_type_weights_set_the_question_mix():
+    """type_weights: 2.0 asks each question of a type twice, 0.2 keeps about a fifth (the same ones on every call),
+    unnamed types once; unknown types and negative weights are refused by name."""
+    from collections import Counter
+
+    rows = list(generate_scenes("train", 300))
+    weights = {"count": 0.2, "position": 2.0}
+    once = Counter(r["question_type"] for r in vqa_rows(rows, per_type=1))
+    mixed = [(r["seed"], r["question"], r["question_type"]) for r in vqa_rows(rows, per_type=1, type_weights=weights)]
+    kinds = Counter(kind for _, _, kind in mixed)
+    assert kinds["position"] == 2 * once["position"]
+    assert all(kinds[kind] == once[kind] for kind in ("color", "shape", "yes/no"))
+    assert 30 <= kinds["count"] <= 90, kinds  # a fifth of 300, drawn
+    again = [(r["seed"], r["question"], r["question_type"]) for r in vqa_rows(rows, per_type=1, type_weights=weights)]
+    assert again == mixed
+    with pytest.raises(ValueError, match="'colour'"):
+        list(vqa_rows(rows, type_weights={"colour": 2.0}))
+    with pytest.raises(ValueError, match=">= 0"):
+        list(vqa_rows(rows, type_weights={"count": -1.0}))
+
+
 def test_webdataset_shards_read_back(tmp_path):
     rows = list(generate_scenes("train", 7))
     shards = export_webdataset(rows, tmp_path / "wds", samples_per_shard=3)
