@@ -116,6 +116,7 @@ def test_quick_demo_builds_blip2_on_frozen_pretrained_towers(tmp_path, monkeypat
     # ... and VQA fine-tuning trains the ViT with the question-aware Q-Former while the T5 stays frozen.
     vqa = json.loads((runs / "blip2" / "config.json").read_text())
     assert vqa["qformer_text_input"] and vqa["freeze_language_model"] and not vqa["freeze_vision"]
+    assert vqa["qformer_config"]["hidden_dropout_prob"] == vqa["qformer_config"]["attention_probs_dropout_prob"] == 0.0
     assert _unchanged(t5, _tensors(runs / "blip2", "language_model."))
     assert not _unchanged(coca_vit, _tensors(runs / "blip2", "vision_model."))
 
@@ -192,7 +193,7 @@ def test_target_report_says_reached_missed_and_unmeasured():
 
 
 def test_demo_data_is_drawn_again_when_the_plan_changes(tmp_path):
-    """Training data left by another plan (other scene counts or image size) is never reused."""
+    """Training data left by another plan (other scene counts, image size or question mix) is never reused."""
     small = demo.DemoPlan(caption_scenes=6, vqa_scenes=2)
     paths = demo.prepare_data(small, tmp_path)
     shards = sorted(paths["captions"].glob("*.tar"))
@@ -211,6 +212,11 @@ def test_demo_data_is_drawn_again_when_the_plan_changes(tmp_path):
     # The T5's text corpus: every training scene's caption, questions and answers.
     text = [json.loads(line) for line in paths["text"].read_text().splitlines()]
     assert len(text) == 9 + 3 and all(row["caption"] and row["questions"] for row in text)
+
+    # Another question mix (`vqa_type_weights`) is another plan too.
+    demo.prepare_data(demo.DemoPlan(caption_scenes=9, vqa_scenes=3, vqa_type_weights={"count": 0.0}), tmp_path)
+    kinds = [json.loads(row)["question_type"] for row in (paths["vqa"] / "metadata.jsonl").read_text().splitlines()]
+    assert kinds and "count" not in kinds
 
 
 def test_coca_vit_becomes_blip2_image_encoder_weight_for_weight(tmp_path):
