@@ -148,8 +148,9 @@ class DemoPlan:
     # The T5 trains beside CoCa and stage 1 (~255 s): 1,500 steps. From true captions it reads answers at 0.862 after
     # 1,200 steps, 0.905 after 1,600, 0.940 after 2,400. Stage 2 is where the Q-Former learns to carry the scene to the
     # T5: after 2,400 steps its captions name the small objects right 0.71 of the time (800: 0.53), and the VQA
-    # fine-tune from it answers 0.04 better. The VQA fine-tune learns from examples, not steps (3,600 x 32 and 7,200 x
-    # 16 both 0.75); 32 a step is the cheapest per example on 2 cores (2.2 ms; 48: 2.6 ms).
+    # fine-tune from it (T5 1,600) answers 0.83 where one from 800 steps (T5 1,200) answers 0.79. The VQA fine-tune
+    # learns from examples, not steps (3,600 x 32 and 7,200 x 16 both 0.75); 32 a step is the cheapest per example on
+    # 2 cores (2.2 ms; 48: 2.6 ms).
     runs: tuple[StageRun, ...] = field(default_factory=lambda: demo_runs(
         {"coca": 1200, "t5": 1500, "blip2-stage1": 300, "blip2-stage2": 2000, "blip2": 4400}, coca_batch_size=64))
 
