@@ -358,8 +358,9 @@ def vqa_rows(rows: Iterable[dict], *, per_type: int | None = None, type_weights:
             qa = [pair for i, pair in enumerate(qa) if i in kept]
         for question, answer, kind in qa:
             weight = weights.get(kind, 1.0)
-            # whole copies, plus one more with the fractional part's probability
-            copies = int(weight) + (random.Random(f"{seed}-{row['seed']}-{question}").random() < weight - int(weight))
+            copies, fraction = int(weight), weight - int(weight)
+            if fraction:  # one more copy with the fractional part's probability, drawn by scene and question
+                copies += random.Random(f"{seed}-{row['seed']}-{question}").random() < fraction
             for _ in range(copies):
                 yield {"image": row["image"], "question": question, "answers": [answer], "question_type": kind,
                        "seed": row["seed"]}
