@@ -348,6 +348,38 @@ def test_an_output_folder_holds_one_run(checkpoints, shards, tmp_path):
         main(["embed", f"{shards}/000.tar", "--model", str(checkpoints["coca"]), "--output", str(tmp_path / "other")])
 
 
+def test_ranks_that_start_together_accept_each_others_run_json(tmp_path, monkeypatch):
+    """The race of `accelerate launch --num_processes 2`: while this rank looks, another rank of the same run is
+    writing run.json (its hidden temporary file is in the folder), or has just renamed it into place between this
+    rank's two looks. Neither is a stranger's folder."""
+    from hf_vlm.bulk.run import RUN_FILE, Output
+
+    settings = {"command": "embed", "source": "x", "batch_size": 4}
+    writing = tmp_path / "writing"
+    writing.mkdir()
+    (writing / f".{RUN_FILE}.tmp-12345").write_text("{")  # the other rank, mid-write
+    Output(writing, 3).check_settings(settings)
+    assert json.loads((writing / RUN_FILE).read_text()) == settings
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    looks = []
+    real_is_file = Path.is_file
+
+    def is_file(path):  # the first look finds no run.json; the other rank's rename (and its first shard) follow
+        if path.name == RUN_FILE and path.parent == renamed and not looks:
+            looks.append(path)
+            (renamed / RUN_FILE).write_text(json.dumps(settings))
+            (renamed / "progress").mkdir()
+            return False
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    Output(renamed, 3).check_settings(settings)
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(batch_size"):
+        Output(renamed, 3).check_settings({**settings, "batch_size": 8})
+
+
 # ------------------------------------------------------------------------------------------ processes and restarts
 
 

@@ -231,18 +231,23 @@ class Output:
     def check_settings(self, settings: dict) -> None:
         """Write run.json, or check that the folder's run.json has these settings (a restart of the same run)."""
         path = self.folder / RUN_FILE
-        if path.is_file():
-            previous = json.loads(path.read_text())
-            differ = sorted(k for k in {*previous, *settings} if previous.get(k) != settings.get(k))
-            if differ:
-                raise ValueError(f"{self.folder} holds a run with other settings ({', '.join(differ)}: "
-                                 f"{[previous.get(k) for k in differ]} there, {[settings.get(k) for k in differ]} now); "
-                                 "restart it with the same command, or choose another --output")
-            return
-        if self.folder.is_dir() and any(self.folder.iterdir()):
-            raise ValueError(f"{self.folder} is not empty and holds no {RUN_FILE}: not the output of an hf-vlm "
-                             f"{settings.get('command')} run; choose another --output")
-        _write_json(path, settings, shared=True)
+        if not path.is_file():
+            # The ranks of one launch start together: another rank's run.json may be mid-write (its hidden
+            # temporary file is here) or renamed into place since the look above; neither is a stranger's folder.
+            strangers = self.folder.is_dir() and [p.name for p in self.folder.iterdir()
+                                                  if not p.name.startswith(f".{RUN_FILE}.tmp-")]
+            if not path.is_file():
+                if strangers:
+                    raise ValueError(f"{self.folder} is not empty and holds no {RUN_FILE}: not the output of an "
+                                     f"hf-vlm {settings.get('command')} run; choose another --output")
+                _write_json(path, settings, shared=True)
+                return
+        previous = json.loads(path.read_text())
+        differ = sorted(k for k in {*previous, *settings} if previous.get(k) != settings.get(k))
+        if differ:
+            raise ValueError(f"{self.folder} holds a run with other settings ({', '.join(differ)}: "
+                             f"{[previous.get(k) for k in differ]} there, {[settings.get(k) for k in differ]} now); "
+                             "restart it with the same command, or choose another --output")
 
     def write_summary_if_complete(self, settings: dict) -> dict | None:
         """summary.json from every shard's record, when all are done (else None: another process will)."""
