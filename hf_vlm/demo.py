@@ -69,6 +69,11 @@ class StageRun:
     language_model: str | None = None  # blip2 stage 2: the T5 run, frozen
     qformer_text_from: str | None = None  # blip2 VQA: the stage-1 run whose Q-Former text path reads the question
     extra_args: tuple[str, ...] = ()
+    # Given several CPU cores, train as that many one-thread processes (torchrun, DDP over gloo), each on its share of
+    # `batch_size`, rather than one process with that many threads: a tiny model's step is mostly single-threaded
+    # Python. VQA examples, measured on 2 cores: 2 x 32 1.1x faster than one process of 64 on 2 threads (64: 1.2x
+    # faster than 32). At 2 x 16 stage 2 gained nothing, so it keeps one process.
+    data_parallel: bool = False
 
     @property
     def family(self) -> str:
@@ -108,8 +113,8 @@ def demo_runs(steps: dict[str, int], coca_batch_size: int) -> tuple[StageRun, ..
                  vision_from="coca"),
         StageRun("blip2-stage2", "pretrain", "blip2-tiny-stage2", "captions", steps["blip2-stage2"], 2e-3, 32,
                  init_qformer_from="blip2-stage1", language_model="t5"),
-        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", steps["blip2"], 1e-3, 32, init="blip2-stage2",
-                 qformer_text_from="blip2-stage1", extra_args=VQA_FINETUNE),
+        StageRun("blip2", "finetune", "blip2-tiny-vqa", "vqa", steps["blip2"], 1e-3, 64, init="blip2-stage2",
+                 qformer_text_from="blip2-stage1", extra_args=VQA_FINETUNE, data_parallel=True),
     )
 
 
@@ -145,21 +150,22 @@ class DemoPlan:
     # Training captions that name only the main object (`scenes.with_subject_captions`), as many web alt-texts do:
     # without them CoCa's zero-shot prompt "a large red circle" matches one-object scenes only (top-1 0.60).
     subject_caption_fraction: float = 0.25
-    # The T5 trains beside CoCa and stage 1 (~255 s): 1,500 steps. From true captions it reads answers at 0.862 after
-    # 1,200 steps, 0.905 after 1,600, 0.940 after 2,400. Stage 2 is where the Q-Former learns to carry the scene to the
-    # T5: after 2,400 steps its captions name the small objects right 0.71 of the time (800: 0.53), and the VQA
-    # fine-tune from it (T5 1,600) answers 0.83 where one from 800 steps (T5 1,200) answers 0.79. The VQA fine-tune
-    # learns from examples, not steps (3,600 x 32 and 7,200 x 16 both 0.75); 32 a step is the cheapest per example on
-    # 2 cores (2.2 ms; 48: 2.6 ms).
+    # The T5 trains beside CoCa and stage 1: 1,600 steps. From true captions it reads answers at 0.862 after 1,200
+    # steps, 0.905 after 1,600, 0.940 after 2,400. Stage 2 is where the Q-Former learns to carry the scene to the T5:
+    # after 2,400 steps its captions name the small objects right 0.71 of the time (800: 0.53), and the VQA fine-tune
+    # from it (T5 1,600) answers 0.83 where one from 800 steps (T5 1,200) answers 0.79. The VQA fine-tune learns from
+    # examples more than steps (3,600 x 32 and 7,200 x 16 both 0.75) and 64 a step is the cheapest per example on 2
+    # cores (`StageRun.data_parallel`): 2,700 x 64 (173k) answered 0.903 (colour 0.90, shape 0.88; lr 2e-3: 0.87),
+    # 3,600 x 48 (the same 173k) 0.887, 4,400 x 32 (141k, from stage 2 at 2,000 steps) 0.80.
     runs: tuple[StageRun, ...] = field(default_factory=lambda: demo_runs(
-        {"coca": 1200, "t5": 1500, "blip2-stage1": 300, "blip2-stage2": 2000, "blip2": 4400}, coca_batch_size=64))
+        {"coca": 1200, "t5": 1600, "blip2-stage1": 300, "blip2-stage2": 2400, "blip2": 2700}, coca_batch_size=64))
 
     @classmethod
     def quick(cls) -> DemoPlan:
         """A few minutes on 2 idle cores: enough to show the frozen towers stay frozen and the captioner reads
         the image, not to reach the targets."""
         return cls(caption_scenes=1500, vqa_scenes=400, test_scenes=100, runs=demo_runs(
-            {"coca": 250, "t5": 100, "blip2-stage1": 30, "blip2-stage2": 250, "blip2": 100}, coca_batch_size=32))
+            {"coca": 250, "t5": 100, "blip2-stage1": 30, "blip2-stage2": 250, "blip2": 50}, coca_batch_size=32))
 
 def _log(message: str) -> None:
     print(f"[hf-vlm demo] {message}", flush=True)
@@ -367,11 +373,23 @@ def build_vqa_init(stage1: Path, stage2: Path, processor: Path, output: Path) ->
 # Training
 
 
-def _command(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], processors: dict[str, Path]):
-    """The command line of one run, as a user would type it."""
+def _processes(run: StageRun, cores: int) -> int:
+    """How many data-parallel processes `run` trains as on `cores` CPU cores (`StageRun.data_parallel`): one per core
+    when its batch splits evenly, one on a GPU machine (the Trainer takes the GPU)."""
+    import torch
+
+    if not run.data_parallel or cores < 2 or run.batch_size % cores or torch.cuda.is_available():
+        return 1
+    return cores
+
+
+def _command(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], processors: dict[str, Path],
+             processes: int = 1):
+    """The command line of one run, as a user would type it; `processes` > 1: a `torchrun` launch on CPU."""
     common = [
         "--output_dir", str(runs_dir / run.name), "--max_steps", str(run.max_steps),
-        "--learning_rate", str(run.learning_rate), "--per_device_train_batch_size", str(run.batch_size),
+        "--learning_rate", str(run.learning_rate),
+        "--per_device_train_batch_size", str(run.batch_size // processes),
         "--save_strategy", "no", "--logging_steps", str(max(run.max_steps // 20, 1)), "--disable_tqdm", "false",
         "--report_to", "none",
     ]
@@ -381,8 +399,12 @@ def _command(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path
                 "--processor", str(processors["blip2"]), *model, *common, "--warmup_steps", "0.05",
                 "--lr_scheduler_type", "cosine"]
     processor = runs_dir / f"{run.name}-init" if run.builds_init else processors[run.family]
-    args = [sys.executable, "-m", f"hf_vlm.trainers.{run.script}", "--recipe", run.recipe,
-            "--train_data", str(data[run.data]), "--processor", str(processor),
+    launch = [sys.executable, "-m", f"hf_vlm.trainers.{run.script}"]
+    if processes > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                  "-m", f"hf_vlm.trainers.{run.script}"]
+        common += ["--use_cpu", "true"]  # else the Trainer sees no GPU and no distributed run: each rank trains alone
+    args = [*launch, "--recipe", run.recipe, "--train_data", str(data[run.data]), "--processor", str(processor),
             "--augmentation", plan.augmentation, *common]
     if run.builds_init:
         args += ["--model", str(runs_dir / f"{run.name}-init")]
@@ -414,11 +436,13 @@ def train(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], 
     if run.qformer_text_from:
         build_vqa_init(runs_dir / run.qformer_text_from, runs_dir / run.init, processors["blip2"],
                        runs_dir / f"{run.name}-init")
-    args = _command(run, plan, runs_dir, data, processors)
+    processes = _processes(run, threads)
+    args = _command(run, plan, runs_dir, data, processors, processes)
     log_path = runs_dir / f"{run.name}.log"
     # Tiny models on a small CPU: runs side by side with a thread each beat threads that spin-wait on each other
     # (measured 15-20x faster per step on a loaded 2-core machine); a run alone gets the cores (`train_all`).
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+    per_process = max(1, threads // processes)
+    env = {**os.environ, "OMP_NUM_THREADS": str(per_process), "MKL_NUM_THREADS": str(per_process),
            "TOKENIZERS_PARALLELISM": "false"}
     started = time.monotonic()
     with open(log_path, "w") as log, tqdm(total=run.max_steps, desc=run.name, position=position, unit="step",
@@ -439,7 +463,8 @@ def train(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path], 
                                + log_path.read_text()[-3000:])
         bar.update(run.max_steps - bar.n)
     seconds = time.monotonic() - started
-    _log(f"{run.name} trained in {seconds:.0f} s, {run.max_steps / seconds:.2f} steps/s, {threads} thread(s) "
+    layout = f"{processes} processes x {per_process} thread" if processes > 1 else f"{threads} thread(s)"
+    _log(f"{run.name} trained in {seconds:.0f} s, {run.max_steps / seconds:.2f} steps/s, {layout} "
          f"(load {os.getloadavg()[0]:.1f}; log: {log_path})")
     return output
 

@@ -1,6 +1,7 @@
 """`hf-vlm demo`: the short version of the demo pipeline trains both families through trainers/, evaluates
 them on held-out scenes, writes cards, and the models beat trivial baselines by a wide margin."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -75,8 +76,11 @@ def test_quick_demo_builds_blip2_on_frozen_pretrained_towers(tmp_path, monkeypat
     demo_dir = tmp_path / ".demo"
     monkeypatch.setenv("HF_VLM_DEMO_DIR", str(demo_dir))
     plan = demo.DemoPlan.quick()
+    # The VQA fine-tune as on an idle machine of 2 cores or more: 2 data-parallel one-thread processes (torchrun).
+    monkeypatch.setattr(demo, "_processes", lambda run, cores: 2 if run.data_parallel else 1)
     results = demo.run_demo(quick=True, serve=False)
     runs = demo_dir / "runs"
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in (runs / "blip2.log").read_text().split("\n")[0]
 
     # Every run trained its steps (the trainers/ runs through their recipes); the published checkpoints have cards.
     for run in plan.runs:
@@ -350,3 +354,30 @@ def test_runs_side_by_side_share_the_cores_and_a_run_alone_gets_them_all(monkeyp
     started.clear(), threads_seen.clear(), t5_started.clear(), t5_may_finish.clear()
     demo.train_all(plan, tmp_path, {}, {})
     assert set(threads_seen.values()) == {1} and len(threads_seen) == len(plan.runs)
+
+
+def test_a_data_parallel_run_alone_trains_as_one_process_a_core_on_its_share_of_the_batch(monkeypatch, tmp_path):
+    """The VQA fine-tune, given 2 cores: `torchrun` with 2 one-thread CPU processes of 32 (the same global batch of
+    64); given one core, or a batch that does not split, or a GPU: one process of 64, as a user would launch it."""
+    import torch
+
+    plan = demo.DemoPlan()
+    vqa = next(run for run in plan.runs if run.name == "blip2")
+    assert vqa.data_parallel and vqa.batch_size == 64
+    data = {"vqa": tmp_path / "vqa"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo._processes(vqa, 2) == 2 and demo._processes(vqa, 1) == 1
+    assert demo._processes(dataclasses.replace(vqa, batch_size=63), 2) == 1
+    assert all(demo._processes(run, 2) == 1 for run in plan.runs if run.name != "blip2")
+
+    command = demo._command(vqa, plan, tmp_path, data, {}, processes=2)
+    assert command[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m"]
+    assert command[7] == "hf_vlm.trainers.finetune"
+    options = dict(zip(command[8::2], command[9::2]))
+    assert options["--per_device_train_batch_size"] == "32" and options["--use_cpu"] == "true"
+    single = demo._command(vqa, plan, tmp_path, data, {})
+    assert single[:3] == [sys.executable, "-m", "hf_vlm.trainers.finetune"] and "--use_cpu" not in single
+    assert dict(zip(single[3::2], single[4::2]))["--per_device_train_batch_size"] == "64"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo._processes(vqa, 2) == 1
