@@ -76,11 +76,12 @@ def test_quick_demo_builds_blip2_on_frozen_pretrained_towers(tmp_path, monkeypat
     demo_dir = tmp_path / ".demo"
     monkeypatch.setenv("HF_VLM_DEMO_DIR", str(demo_dir))
     plan = demo.DemoPlan.quick()
-    # The VQA fine-tune as on an idle machine of 2 cores or more: 2 data-parallel one-thread processes (torchrun).
+    # Stage 2 and the VQA fine-tune as on an idle machine of 2 cores or more: 2 data-parallel processes (torchrun).
     monkeypatch.setattr(demo, "_processes", lambda run, cores: 2 if run.data_parallel else 1)
     results = demo.run_demo(quick=True, serve=False)
     runs = demo_dir / "runs"
-    assert "torch.distributed.run --standalone --nproc_per_node 2" in (runs / "blip2.log").read_text().split("\n")[0]
+    for name in ("blip2-stage2", "blip2"):
+        assert "torch.distributed.run --standalone --nproc_per_node 2" in (runs / f"{name}.log").read_text().split("\n")[0]
 
     # Every run trained its steps (the trainers/ runs through their recipes); the published checkpoints have cards.
     for run in plan.runs:
@@ -357,8 +358,9 @@ def test_runs_side_by_side_share_the_cores_and_a_run_alone_gets_them_all(monkeyp
 
 
 def test_a_data_parallel_run_alone_trains_as_one_process_a_core_on_its_share_of_the_batch(monkeypatch, tmp_path):
-    """The VQA fine-tune, given 2 cores: `torchrun` with 2 one-thread CPU processes of 32 (the same global batch of
-    64); given one core, or a batch that does not split, or a GPU: one process of 64, as a user would launch it."""
+    """Stage 2 and the VQA fine-tune, given 2 cores: `torchrun` with 2 one-thread CPU processes of 32 (the same
+    global batch of 64); given one core, a batch that does not split, or a GPU: one process of 64, as a user would
+    launch it."""
     import torch
 
     plan = demo.DemoPlan()
@@ -368,7 +370,7 @@ def test_a_data_parallel_run_alone_trains_as_one_process_a_core_on_its_share_of_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert demo._processes(vqa, 2) == 2 and demo._processes(vqa, 1) == 1
     assert demo._processes(dataclasses.replace(vqa, batch_size=63), 2) == 1
-    assert all(demo._processes(run, 2) == 1 for run in plan.runs if run.name != "blip2")
+    assert [run.name for run in plan.runs if demo._processes(run, 2) == 2] == ["blip2-stage2", "blip2"]
 
     command = demo._command(vqa, plan, tmp_path, data, {}, processes=2)
     assert command[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
