@@ -432,12 +432,17 @@ def test_a_sigkilled_run_restarted_with_the_same_command_ends_with_the_uninterru
     process = subprocess.Popen([sys.executable, "-m", "hf_vlm", *args], env=_env(tmp_path), start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     done = out / "progress" / "00000.json"
+    reads_log = shards / "reads.log"
+
+    def reading_shard_1() -> bool:  # shard 0 recorded, and shard 1's pipe: command started (it waits for `go`)
+        return done.exists() and reads_log.exists() and " 001" in reads_log.read_text()
+
     deadline = time.monotonic() + 300
-    while not done.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not reading_shard_1() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)  # the launcher's whole group: the python process and its pipe: command
     log = process.communicate()[0]
-    assert done.exists(), log[-3000:]
+    assert reading_shard_1(), log[-3000:]
     first = (out / "captions" / "00000.parquet").stat().st_mtime_ns
     assert not (out / "progress" / "00001.json").exists() and not (out / "summary.json").exists()
 
