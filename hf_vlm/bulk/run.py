@@ -232,11 +232,11 @@ class Output:
         """Write run.json, or check that the folder's run.json has these settings (a restart of the same run)."""
         path = self.folder / RUN_FILE
         if not path.is_file():
-            # The ranks of one launch start together: another rank's run.json may be mid-write (its hidden
-            # temporary file is here) or renamed into place since the look above; neither is a stranger's folder.
-            strangers = self.folder.is_dir() and [p.name for p in self.folder.iterdir()
-                                                  if not p.name.startswith(f".{RUN_FILE}.tmp-")]
-            if not path.is_file():
+            # The ranks of one launch start together: another rank's run.json may be mid-write (its hidden temporary
+            # file is here) or renamed into place since the look above; neither is a stranger's folder.
+            others = [p.name for p in self.folder.iterdir()] if self.folder.is_dir() else []
+            strangers = [name for name in others if not name.startswith(f".{RUN_FILE}.tmp-")]
+            if not path.is_file():  # still none: this rank writes it (every rank writes the same settings)
                 if strangers:
                     raise ValueError(f"{self.folder} is not empty and holds no {RUN_FILE}: not the output of an "
                                      f"hf-vlm {settings.get('command')} run; choose another --output")
