@@ -160,7 +160,7 @@ class DemoPlan:
     #   0.843. Stage 2 is where the Q-Former learns to carry the scene to the T5 (small objects named right in its
     #   captions: 800 x 32 0.53, 2,400 x 32 0.71).
     # - the VQA fine-tune learns from examples more than steps (3,600 x 32 and 7,200 x 16 both 0.75): 2,700 x 64
-    #   (173k) answered 0.84-0.90 in three chains (lr 2e-3: 0.87), 3,600 x 48 (the same 173k) 0.887, 4,400 x 32
+    #   (173k) answered 0.84-0.91 in five chains (lr 2e-3: 0.87), 3,600 x 48 (the same 173k) 0.887, 4,400 x 32
     #   (141k) 0.80.
     runs: tuple[StageRun, ...] = field(default_factory=lambda: demo_runs(
         {"coca": 1000, "t5": 800, "blip2-stage1": 300, "blip2-stage2": 1200, "blip2": 2700}, coca_batch_size=64))
@@ -398,17 +398,18 @@ def _command(run: StageRun, plan: DemoPlan, runs_dir: Path, data: dict[str, Path
         "--save_strategy", "no", "--logging_steps", str(max(run.max_steps // 20, 1)), "--disable_tqdm", "false",
         "--report_to", "none",
     ]
-    if run.script == "text-lm":
-        model = [f"--{name}={value}" for name, value in plan.language_model.items()]
-        return [sys.executable, "-m", "hf_vlm.demo_lm", "--text_corpus", str(data["text"]),
-                "--processor", str(processors["blip2"]), *model, *common, "--warmup_steps", "0.05",
-                "--lr_scheduler_type", "cosine"]
-    processor = runs_dir / f"{run.name}-init" if run.builds_init else processors[run.family]
-    launch = [sys.executable, "-m", f"hf_vlm.trainers.{run.script}"]
+    # Both kinds of script parse TrainingArguments, so either launches the same way.
+    module = "hf_vlm.demo_lm" if run.script == "text-lm" else f"hf_vlm.trainers.{run.script}"
+    launch = [sys.executable, "-m", module]
     if processes > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-                  "-m", f"hf_vlm.trainers.{run.script}"]
+                  "-m", module]
         common += ["--use_cpu", "true"]  # else the Trainer sees no GPU and no distributed run: each rank trains alone
+    if run.script == "text-lm":
+        model = [f"--{name}={value}" for name, value in plan.language_model.items()]
+        return [*launch, "--text_corpus", str(data["text"]), "--processor", str(processors["blip2"]), *model,
+                *common, "--warmup_steps", "0.05", "--lr_scheduler_type", "cosine"]
+    processor = runs_dir / f"{run.name}-init" if run.builds_init else processors[run.family]
     args = [*launch, "--recipe", run.recipe, "--train_data", str(data[run.data]), "--processor", str(processor),
             "--augmentation", plan.augmentation, *common]
     if run.builds_init:

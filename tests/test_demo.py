@@ -381,5 +381,13 @@ def test_a_data_parallel_run_alone_trains_as_one_process_a_core_on_its_share_of_
     single = demo._command(vqa, plan, tmp_path, data, {})
     assert single[:3] == [sys.executable, "-m", "hf_vlm.trainers.finetune"] and "--use_cpu" not in single
     assert dict(zip(single[3::2], single[4::2]))["--per_device_train_batch_size"] == "64"
+    # The T5 script takes TrainingArguments too: made data-parallel, it launches the same way.
+    t5 = dataclasses.replace(next(run for run in plan.runs if run.name == "t5"), data_parallel=True)
+    t5_command = demo._command(t5, plan, tmp_path, {"text": tmp_path / "text.jsonl"}, {"blip2": tmp_path}, processes=2)
+    assert t5_command[2:8] == ["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hf_vlm.demo_lm"]
+    def value(option):
+        return t5_command[t5_command.index(option) + 1]
+
+    assert value("--per_device_train_batch_size") == "8" and value("--use_cpu") == "true"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert demo._processes(vqa, 2) == 1
